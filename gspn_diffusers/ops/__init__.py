@@ -1,0 +1,61 @@
+"""GSPN operators: the public entry points, dispatching to a backend.
+
+``gspn_scan`` is the single-direction operator of DESIGN.md section 1 and ``gspn_scan_fused`` the
+four-direction scan with merge. Both currently run the pure-PyTorch reference on every device;
+``backend.py`` is where a compiled kernel registers itself and where
+``GSPN_DIFFUSERS_BACKEND=reference|cuda|auto`` is read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import resolve_backend
+from .reference import (
+    DIRECTIONS,
+    NUM_GATES,
+    check_direction,
+    check_fused_inputs,
+    check_scan_inputs,
+    gspn_scan_fused_reference,
+    gspn_scan_reference,
+)
+
+__all__ = [
+    "DIRECTIONS",
+    "NUM_GATES",
+    "gspn_scan",
+    "gspn_scan_fused",
+    "gspn_scan_fused_reference",
+    "gspn_scan_reference",
+]
+
+
+def gspn_scan(
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    gate_logits: torch.Tensor,
+    direction: str,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """One-direction GSPN scan (channels-last). See :func:`gspn_scan_reference` for shapes."""
+    check_direction(direction)
+    check_scan_inputs(x, lam, gate_logits, chunk_size)
+    backend = resolve_backend(x)
+    return backend.scan(x, lam, gate_logits, direction, chunk_size)
+
+
+def gspn_scan_fused(
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    gate_logits: torch.Tensor,
+    u: torch.Tensor,
+    merge: torch.Tensor,
+    skip: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Four directions scanned and merged in image coordinates. See :func:`gspn_scan_fused_reference`."""
+    check_fused_inputs(x, lam, gate_logits, u, merge, skip, chunk_size)
+    backend = resolve_backend(x)
+    return backend.scan_fused(x, lam, gate_logits, u, merge, skip, chunk_size, normalize)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up, then run the test suite (CPU; GPU tests are skipped where no GPU is present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1
+ruff check gspn_diffusers tests benchmarks
+python -m pytest -q "$@"

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gspn_diffusers.tiny import tiny_pipeline  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["sd15", "sdxl"])
+def tiny_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_pipe(tiny_kind):
+    pipe = tiny_pipeline(tiny_kind)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipe(pipe, height=64, width=64, steps=2, seed=0):
+    """A deterministic short generation returning the decoded image array."""
+    return pipe(
+        "a lighthouse at dawn",
+        num_inference_steps=steps,
+        height=height,
+        width=width,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
