@@ -60,7 +60,7 @@ def self_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
 
 
 def _transformers_by_layer(unet: UNet2DConditionModel, layer_names: list[str]) -> dict[str, list[str]]:
-    """Map each Transformer2DModel name to the attn1 layer names it contains."""
+    """Map each Transformer2DModel name to the attn1 layer names it contains (an error if one has none)."""
     transformers = [n for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
     owners: dict[str, list[str]] = {}
     for layer in layer_names:
@@ -100,19 +100,22 @@ def gspn_processors(pipe_or_unet: Any) -> dict[str, GSPNAttnProcessor]:
     }
 
 
-def _record_latent_size(processors: list[GSPNAttnProcessor]):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden_states = args[0] if args else kwargs.get("hidden_states")
-        if hidden_states is None or hidden_states.dim() != 4:
-            raise RuntimeError(
-                f"{type(module).__name__} received no (B, C, H, W) hidden_states, so GSPN cannot know the latent "
-                "size; only spatial (continuous-input) transformers are supported."
-            )
-        size = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
-        for processor in processors:
-            processor.latent_size = size
+def _record_latent_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a Transformer2DModel: tell the GSPN processors inside it the latent (H, W).
 
-    return hook
+    It finds the processors through the module it is called on, so a deep copy of a converted
+    UNet (a teacher, an EMA copy) keeps working on its own processors.
+    """
+    hidden_states = args[0] if args else kwargs.get("hidden_states")
+    if hidden_states is None or hidden_states.dim() != 4:
+        raise RuntimeError(
+            f"{type(module).__name__} received no (B, C, H, W) hidden_states, so GSPN cannot know the latent "
+            "size; only spatial (continuous-input) transformers are supported."
+        )
+    size = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
+    for child in module.modules():
+        if isinstance(child, GSPNAttnProcessor):
+            child.latent_size = size
 
 
 def convert(pipe_or_unet: T, config: GSPNConfig | str | None = None) -> T:
@@ -135,7 +138,6 @@ def convert(pipe_or_unet: T, config: GSPNConfig | str | None = None) -> T:
     layers = self_attention_layers(unet)
     owners = _transformers_by_layer(unet, list(layers))
     state = _ConversionState(config=config)
-    installed: dict[str, GSPNAttnProcessor] = {}
     for name, attn in layers.items():
         weight = attn.to_v.weight
         processor = GSPNAttnProcessor(
@@ -148,11 +150,9 @@ def convert(pipe_or_unet: T, config: GSPNConfig | str | None = None) -> T:
         ).to(device=weight.device, dtype=weight.dtype)
         state.original_processors[name] = attn.processor
         attn.set_processor(processor)
-        installed[name] = processor
     modules = dict(unet.named_modules())
-    for owner, names in owners.items():
-        hook = _record_latent_size([installed[n] for n in names])
-        state.hooks.append(modules[owner].register_forward_pre_hook(hook, with_kwargs=True))
+    for owner in owners:
+        state.hooks.append(modules[owner].register_forward_pre_hook(_record_latent_size, with_kwargs=True))
     setattr(unet, _STATE_ATTR, state)
     return pipe_or_unet
 

@@ -117,3 +117,12 @@ def test_bad_inputs_raise_clear_errors(tiny_pipe):
     attn = next(iter(self_attention_layers(tiny_pipe.unet).values()))
     with pytest.raises(RuntimeError, match="latent height and width"):
         GSPNAttnProcessor(attn.to_v.out_features)(attn, torch.randn(1, 16, attn.to_v.in_features))
+
+
+def test_deep_copy_of_a_converted_unet_runs_on_its_own_processors():
+    pipe = gspn_diffusers.convert(tiny_pipeline("sd15"))
+    twin = copy.deepcopy(pipe.unet)
+    sample, text = torch.randn(1, 4, 8, 16), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(sample, 10, text).sample, pipe.unet(sample, 10, text).sample)
+    assert all(p.latent_size is not None for p in gspn_diffusers.gspn_processors(twin).values())
