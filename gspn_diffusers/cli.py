@@ -16,6 +16,7 @@ import torch
 
 from .config import PRESETS, GSPNConfig
 from .convert import convert, detect_preset, get_unet, gspn_parameters
+from .distill.cli import add_distill_parser
 from .loading import DTYPES, default_device, load_pipeline
 from .serialization import load_gspn, save_gspn
 from .tiny import TINY_KINDS
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_convert_parser(subparsers)
     add_generate_parser(subparsers)
+    add_distill_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,542 @@
+"""Distill the GSPN modules of a converted SD-1.5 / SD-XL UNet from the original UNet, with Accelerate.
+
+    accelerate launch -m gspn_diffusers.distill.train --model stabilityai/stable-diffusion-xl-base-1.0 \\
+        --train_data_dir laion_shards/ --output_dir sdxl-gspn-distilled --mixed_precision bf16 ...
+    gspn-diffusers distill ...   # the same flags, single process
+
+The student is the pipeline's UNet converted to GSPN (initialised from its Q/K/V); the teacher is
+a frozen deep copy of the UNet made before the conversion. Only the GSPN parameters (and, with
+``--train_projections``, the attn1 projections) train; everything else is frozen in the
+mixed-precision dtype. The structure follows Diffusers' example trainers: Accelerate state with
+save/load hooks that write the model's own format (``save_gspn`` into ``checkpoint-<step>/gspn``),
+``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint latest`` and
+validation images every ``--validation_steps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+
+from ..config import GSPNConfig
+from ..convert import convert, get_unet, gspn_config_of, gspn_parameters
+from ..loading import load_pipeline
+from ..serialization import load_gspn, save_gspn
+from ..tiny import TINY_KINDS
+from .conditioning import prepare_inputs
+from .data import ImageCaptionDataset, collate, find_records
+from .losses import Attn1Recorder, LossWeights, distillation_losses
+
+logger = get_logger(__name__)
+
+LOSS_TERMS = ("loss", "target", "teacher", "feature")
+GSPN_SUBFOLDER = "gspn"
+EMA_SUBFOLDER = "gspn_ema"
+DEFAULT_VALIDATION_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a red fox in the snow, golden hour",
+    "a watercolor painting of a lighthouse at dawn",
+    "a bowl of ramen on a wooden table, top view",
+)
+
+
+def _flag(parser: argparse.ArgumentParser | Any, name: str, **kwargs: Any) -> None:
+    """``--name_with_underscores`` as in Diffusers' trainers, also accepted as ``--name-with-dashes``."""
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*names, dest=name, **kwargs)
+
+
+def add_distill_args(parser: argparse.ArgumentParser) -> None:
+    """Every flag of the trainer; shared by ``parse_args`` and the ``gspn-diffusers distill`` subcommand."""
+    from ..cli import add_config_args
+
+    model = parser.add_argument_group("model")
+    source = model.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--model", "--pretrained_model_name_or_path", dest="model", help="Hub name or local Diffusers folder."
+    )
+    source.add_argument("--tiny", choices=TINY_KINDS, help="A built-in tiny random model (tests, smoke runs).")
+    add_config_args(model)
+    _flag(
+        model, "gspn_weights", default=None, help="Start from these GSPN weights (save_gspn folder) instead of Q/K/V."
+    )
+    _flag(model, "train_projections", action="store_true", help="Also train (and save) the attn1 Q/K/V/out.")
+    _flag(model, "teacher_loss_weight", type=float, default=0.5, help="a: weight of MSE(student, teacher).")
+    _flag(model, "feature_loss_weight", type=float, default=0.5, help="b: weight of the attn1 output MSE.")
+    _flag(
+        model,
+        "prediction_type",
+        choices=["epsilon", "v_prediction"],
+        default=None,
+        help="Training target (default: the scheduler config's).",
+    )
+
+    data = parser.add_argument_group("data")
+    _flag(
+        data,
+        "train_data_dir",
+        default=None,
+        help="Shards folder/.tar/glob (img2dataset webdataset), an images+.txt tree (img2dataset files), or a "
+        "folder with metadata.jsonl/captions.jsonl/metadata.csv.",
+    )
+    _flag(data, "dataset_name", default=None, help="Hugging Face dataset: hub name or save_to_disk folder.")
+    _flag(data, "dataset_config_name", default=None, help="Config of the hub dataset.")
+    _flag(data, "dataset_split", default="train", help="Split of a Hugging Face dataset.")
+    _flag(data, "cache_dir", default=None, help="Cache folder for hub datasets.")
+    _flag(data, "image_column", default="image", help="Image column of a Hugging Face dataset.")
+    _flag(data, "caption_column", default="text", help="Caption column (HF dataset, metadata file, .json key).")
+    _flag(data, "resolution", type=int, default=None, help="Training size in pixels (default: the model's native).")
+    _flag(data, "center_crop", action="store_true", help="Center crop instead of a random crop.")
+    _flag(data, "random_flip", action="store_true", help="Flip horizontally with probability 0.5.")
+    _flag(data, "caption_dropout", type=float, default=0.1, help="Probability of the empty prompt (for CFG).")
+    _flag(data, "dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+
+    train = parser.add_argument_group("training")
+    _flag(train, "output_dir", default="gspn-distilled", help="Checkpoints, logs, validation and final weights.")
+    _flag(train, "seed", type=int, default=0, help="Seed of models' noise, data order and augmentation.")
+    _flag(train, "train_batch_size", type=int, default=4, help="Per-device batch size.")
+    _flag(train, "num_train_epochs", type=int, default=1)
+    _flag(train, "max_train_steps", type=int, default=None, help="Optimizer steps; overrides num_train_epochs.")
+    _flag(train, "gradient_accumulation_steps", type=int, default=1)
+    _flag(train, "gradient_checkpointing", action="store_true", help="Recompute activations to save memory.")
+    _flag(train, "learning_rate", type=float, default=1e-4)
+    _flag(train, "scale_lr", action="store_true", help="Multiply the LR by batch size x accumulation x processes.")
+    _flag(
+        train,
+        "lr_scheduler",
+        default="constant",
+        help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
+    )
+    _flag(train, "lr_warmup_steps", type=int, default=500)
+    _flag(train, "use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
+    _flag(train, "adam_beta1", type=float, default=0.9)
+    _flag(train, "adam_beta2", type=float, default=0.999)
+    _flag(train, "adam_weight_decay", type=float, default=1e-2)
+    _flag(train, "adam_epsilon", type=float, default=1e-8)
+    _flag(train, "max_grad_norm", type=float, default=1.0)
+    _flag(train, "use_ema", action="store_true", help="Keep an EMA of the trained weights (saved as the result).")
+    _flag(train, "ema_decay", type=float, default=0.9999)
+    _flag(
+        train,
+        "mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Default: the accelerate config's. Frozen weights are stored in this dtype.",
+    )
+    _flag(train, "allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+
+    io = parser.add_argument_group("checkpoints and logging")
+    _flag(io, "checkpointing_steps", type=int, default=500, help="Save the Accelerate state every N steps.")
+    _flag(io, "checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    _flag(io, "resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" in output_dir.')
+    _flag(
+        io,
+        "validation_prompts",
+        nargs="*",
+        default=list(DEFAULT_VALIDATION_PROMPTS),
+        help="Fixed prompts of the validation grid (none: no validation).",
+    )
+    _flag(io, "validation_steps", type=int, default=500, help="Validation grid every M steps (0: only at the end).")
+    _flag(io, "num_validation_inference_steps", type=int, default=25)
+    _flag(io, "report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    _flag(io, "logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
+    _flag(io, "tracker_project_name", default="gspn-distill")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_distill_args(parser)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class DistillResult:
+    """What a run leaves in memory: the pipeline with the trained student (EMA weights if ``--use_ema``)."""
+
+    pipe: DiffusionPipeline
+    global_step: int
+    losses: dict[str, float] = field(default_factory=dict)
+    images_per_second: float = 0.0
+    skipped_images: int = 0
+
+
+def _weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def _student_config(args: argparse.Namespace, pipe: DiffusionPipeline) -> GSPNConfig:
+    from ..cli import config_from_args
+
+    config = config_from_args(args, get_unet(pipe))
+    return dataclasses.replace(config, train_projections=args.train_projections)
+
+
+def build_models(args: argparse.Namespace, weight_dtype: torch.dtype, device: torch.device):
+    """The pipeline whose UNet is the student, and the frozen teacher; frozen parts in ``weight_dtype``."""
+    pipe = load_pipeline(args.model, args.tiny, device="cpu", dtype="float32")
+    teacher = copy.deepcopy(get_unet(pipe))
+    if args.gspn_weights is not None:
+        load_gspn(pipe, args.gspn_weights)
+        if args.train_projections:
+            gspn_config_of(pipe).train_projections = True
+    else:
+        convert(pipe, _student_config(args, pipe))
+    student = get_unet(pipe)
+    for module in (pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), teacher):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    student.requires_grad_(False)
+    # SD-XL's VAE overflows in fp16: its config asks to stay in fp32 (force_upcast).
+    vae_dtype = torch.float32 if pipe.vae.config.get("force_upcast", False) else weight_dtype
+    pipe.vae.to(device, dtype=vae_dtype)
+    for module in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), teacher, student):
+        if module is not None:
+            module.to(device, dtype=weight_dtype)
+    trainable = list(gspn_parameters(student).values())
+    for param in trainable:
+        # The trained weights stay in fp32 (autocast computes in the low precision), as in Diffusers' LoRA scripts.
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return pipe, teacher, trainable
+
+
+def _optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError(
+                "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)."
+            ) from error
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _prune_checkpoints(output_dir: Path, limit: int | None) -> None:
+    """Before saving a new checkpoint keep at most ``limit - 1`` old ones."""
+    if limit is None:
+        return
+    existing = _checkpoints(output_dir)
+    for old in existing[: max(0, len(existing) - limit + 1)]:
+        logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", old, limit)
+        shutil.rmtree(old)
+
+
+def _resolve_resume(args: argparse.Namespace, output_dir: Path) -> Path | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = _checkpoints(output_dir)
+        if not found:
+            logger.warning("No checkpoint in %s to resume from; starting a new run.", output_dir)
+            return None
+        return found[-1]
+    path = Path(args.resume_from_checkpoint).expanduser()
+    if not path.exists() and (output_dir / path).exists():
+        path = output_dir / path
+    if not path.is_dir() or not path.name.split("-")[-1].isdigit():
+        raise FileNotFoundError(
+            f"Checkpoint {args.resume_from_checkpoint!r} not found; pass a checkpoint-<step> folder written by this "
+            "trainer, or `latest` to pick the newest in --output_dir."
+        )
+    return path
+
+
+class _EMAWeights:
+    """Context manager: the EMA weights in the model inside, the trained ones back outside."""
+
+    def __init__(self, ema: EMAModel | None, params: list[torch.nn.Parameter]) -> None:
+        self.ema, self.params = ema, params
+
+    def __enter__(self) -> None:
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.params)
+
+
+def log_validation(
+    pipe: DiffusionPipeline, args: argparse.Namespace, accelerator: Accelerator, resolution: int, step: int
+) -> Path:
+    """Images for the fixed validation prompts and seed, as one grid PNG and in tensorboard."""
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt in args.validation_prompts:
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        with torch.no_grad(), accelerator.autocast():
+            result = pipe(
+                prompt,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=args.num_validation_inference_steps,
+                generator=generator,
+            )
+        images.append(result.images[0])
+    path = Path(args.output_dir) / "validation" / f"step-{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=1, cols=len(images)).save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image) for image in images])
+            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
+    logger.info("Validation images for step %d -> %s", step, path)
+    return path
+
+
+def _scalar_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Trackers (tensorboard hparams) accept only scalars."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+
+
+def main(args: argparse.Namespace) -> DistillResult:
+    """Run the distillation described by ``args`` (from :func:`parse_args`)."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data first: a wrong dataset fails before any model is loaded.
+    records = find_records(
+        args.train_data_dir,
+        args.dataset_name,
+        args.image_column,
+        args.caption_column,
+        args.dataset_split,
+        args.dataset_config_name,
+        args.cache_dir,
+    )
+    weight_dtype = _weight_dtype(accelerator)
+    pipe, teacher, trainable = build_models(args, weight_dtype, accelerator.device)
+    student = get_unet(pipe)
+    resolution = args.resolution or student.config.sample_size * pipe.vae_scale_factor
+    if resolution % pipe.vae_scale_factor:
+        raise ValueError(f"--resolution must be a multiple of {pipe.vae_scale_factor}; got {resolution}.")
+    dataset = ImageCaptionDataset(records, resolution, args.center_crop, args.random_flip, args.seed or 0)
+    logger.info("%d training images, resolution %d", len(dataset), resolution)
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    weights = LossWeights(teacher=args.teacher_loss_weight, feature=args.feature_loss_weight)
+    student_recorder, teacher_recorder = Attn1Recorder(student), Attn1Recorder(teacher)
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = _optimizer(args, trainable)
+    ema = EMAModel(trainable, decay=args.ema_decay) if args.use_ema else None
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    def save_model_hook(models: list, model_weights: list, save_dir: str) -> None:
+        if accelerator.is_main_process:
+            for model in models:
+                save_gspn(accelerator.unwrap_model(model), Path(save_dir) / GSPN_SUBFOLDER)
+                model_weights.pop()  # the full UNet is not saved: only the GSPN weights change
+            if ema is not None:
+                with _EMAWeights(ema, trainable):
+                    save_gspn(student, Path(save_dir) / EMA_SUBFOLDER)
+
+    def load_model_hook(models: list, load_dir: str) -> None:
+        while models:
+            load_gspn(accelerator.unwrap_model(models.pop()), Path(load_dir) / GSPN_SUBFOLDER)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    prepared_student, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        student, optimizer, train_dataloader, lr_scheduler
+    )
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=_scalar_config(args))
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        "Distilling %d GSPN tensors (%.2fM parameters): %d steps, %d epochs, batch %d (per device %d x %d processes "
+        "x %d accumulation)",
+        len(trainable),
+        sum(p.numel() for p in trainable) / 1e6,
+        max_train_steps,
+        num_train_epochs,
+        total_batch,
+        args.train_batch_size,
+        accelerator.num_processes,
+        args.gradient_accumulation_steps,
+    )
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    checkpoint = _resolve_resume(args, output_dir)
+    if checkpoint is not None:
+        logger.info("Resuming from %s", checkpoint)
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name.split("-")[-1])
+        first_epoch = global_step // updates_per_epoch
+        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    progress = tqdm(
+        range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    running = dict.fromkeys(LOSS_TERMS, 0.0)
+    logs: dict[str, float] = {}
+    skipped_total, images_seen, start = 0, 0, time.perf_counter()
+    images_per_second = 0.0
+    for epoch in range(first_epoch, num_train_epochs):
+        prepared_student.train()
+        train_dataloader.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == first_epoch and skip_batches:
+            loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        for batch in loader:
+            with accelerator.accumulate(prepared_student):
+                inputs = prepare_inputs(
+                    pipe, noise_scheduler, batch, resolution, weight_dtype, caption_dropout=args.caption_dropout
+                )
+                losses = distillation_losses(
+                    prepared_student,
+                    teacher,
+                    student_recorder,
+                    teacher_recorder,
+                    inputs.noisy_latents,
+                    inputs.timesteps,
+                    inputs.target,
+                    inputs.unet_kwargs,
+                    weights,
+                )
+                for term in LOSS_TERMS:
+                    mean = accelerator.gather(losses[term].detach().reshape(1)).mean().item()
+                    running[term] += mean / args.gradient_accumulation_steps
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            skipped_total += int(accelerator.reduce(batch["skipped"].to(accelerator.device), "sum").item())
+            images_seen += len(batch["captions"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(trainable)
+            global_step += 1
+            progress.update(1)
+            images_per_second = images_seen / (time.perf_counter() - start)
+            logs = {
+                **{("loss" if t == "loss" else f"loss/{t}"): v for t, v in running.items()},
+                "lr": lr_scheduler.get_last_lr()[0],
+                "images_per_second": images_per_second,
+                "skipped_images": skipped_total,
+            }
+            accelerator.log(logs, step=global_step)
+            progress.set_postfix(
+                loss=f"{running['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}"
+            )
+            running = dict.fromkeys(LOSS_TERMS, 0.0)
+            if global_step % args.checkpointing_steps == 0:
+                if accelerator.is_main_process:
+                    _prune_checkpoints(output_dir, args.checkpoints_total_limit)
+                accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                logger.info("Saved state to %s", output_dir / f"checkpoint-{global_step}")
+            validate = args.validation_prompts and args.validation_steps and global_step % args.validation_steps == 0
+            if accelerator.is_main_process and validate and global_step < max_train_steps:
+                with _EMAWeights(ema, trainable):
+                    log_validation(pipe, args, accelerator, resolution, global_step)
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+    if skipped_total:
+        logger.warning("Skipped %d unreadable images during training (see the warnings above).", skipped_total)
+
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(trainable)
+    if accelerator.is_main_process:
+        save_gspn(student, output_dir)
+        logger.info("Saved the distilled GSPN weights to %s (load with gspn_diffusers.load_gspn)", output_dir)
+        if args.validation_prompts:
+            log_validation(pipe, args, accelerator, resolution, global_step)
+    student_recorder.remove()
+    teacher_recorder.remove()
+    accelerator.end_training()
+    return DistillResult(
+        pipe=pipe,
+        global_step=global_step,
+        losses={k: float(v) for k, v in logs.items() if k.startswith("loss")},
+        images_per_second=images_per_second,
+        skipped_images=skipped_total,
+    )
+
+
+if __name__ == "__main__":
+    main(parse_args())
