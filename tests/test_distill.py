@@ -6,6 +6,8 @@ import copy
 import csv
 import io
 import json
+import logging
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -13,13 +15,18 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from conftest import run_pipe
 from diffusers import DDPMScheduler
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
 from gspn_diffusers import GSPNConfig, convert, load_gspn
-from gspn_diffusers.distill.conditioning import prepare_inputs
-from gspn_diffusers.distill.data import ImageCaptionDataset, collate
-from gspn_diffusers.distill.losses import Attn1Recorder, LossWeights, distillation_losses
+from gspn_diffusers.cli import main as cli_main
+from gspn_diffusers.distill.conditioning import prepare_inputs, sdxl_time_ids, text_conditioning
+from gspn_diffusers.distill.data import DatasetLayoutError, ImageCaptionDataset, collate, find_records
+from gspn_diffusers.distill.losses import Attn1Recorder, LossWeights, diffusion_target, distillation_losses
+from gspn_diffusers.distill.train import main, parse_args
+from gspn_diffusers.serialization import WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
 
 RESOLUTION = 64
@@ -156,3 +163,226 @@ def fixed_batch_losses(kind: str, records, weights_dir: Path | None) -> dict[str
             inputs.timesteps, inputs.target, inputs.unet_kwargs, LossWeights(),
         )  # fmt: skip
     return {term: value.item() for term, value in losses.items()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models are all per-op overhead: one thread is faster, and ~10x so on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _records(flags: list[str]):
+    if flags[0] == "--train_data_dir":
+        return find_records(train_data_dir=flags[1])
+    return find_records(dataset_name=flags[1], image_column="picture", caption_column="caption")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kind"),
+    [
+        ("webdataset", "sd15"),
+        ("files", "sd15"),
+        ("jsonl", "sd15"),
+        ("csv", "sd15"),
+        ("hf", "sd15"),
+        ("webdataset", "sdxl"),
+    ],
+)
+def test_a_few_steps_reduce_the_distillation_loss(tmp_path, fmt, kind):
+    flags = data_flags(fmt, tmp_path / "data")
+    records = _records(flags)
+    before = fixed_batch_losses(kind, records, None)
+    result = main(parse_args(train_argv(tmp_path / "out", kind, *flags)))
+    assert result.global_step == 4
+    assert set(result.losses) == {"loss", "loss/target", "loss/teacher", "loss/feature"}
+    assert all(np.isfinite(v) for v in result.losses.values())
+    assert result.images_per_second > 0
+    # A whole epoch (8 samples) went by: each broken file of the webdataset was skipped exactly once.
+    assert result.skipped_images == (2 if fmt == "webdataset" else 0)
+    after = fixed_batch_losses(kind, records, tmp_path / "out")
+    assert after["teacher"] < before["teacher"]
+    assert after["feature"] < before["feature"]
+    assert after["loss"] < before["loss"]
+
+
+def test_saved_weights_reproduce_the_student(tmp_path):
+    flags = data_flags("jsonl", tmp_path / "data")
+    argv = train_argv(tmp_path / "out", "sd15", *flags, "--train_projections", "--use_ema", "--ema_decay", "0.5")
+    result = main(parse_args([*argv, "--max_train_steps", "2"]))
+    saved = load_file(tmp_path / "out" / WEIGHTS_NAME)
+    assert any(".attn1.to_q." in key for key in saved), "--train_projections must save the attn1 projections"
+    fresh = tiny_pipeline("sd15")
+    load_gspn(fresh, tmp_path / "out")
+    fresh.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run_pipe(result.pipe), run_pipe(fresh))
+    original = tiny_pipeline("sd15")
+    original.set_progress_bar_config(disable=True)
+    assert not np.allclose(run_pipe(original), run_pipe(fresh)), "the trained student must differ from the teacher"
+
+
+def _state(checkpoint: Path) -> dict:
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    scheduler = torch.load(checkpoint / "scheduler.bin", weights_only=False)
+    ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    return {
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "ema": ema["shadow_params"],
+        "ema_step": ema["optimization_step"],
+    }
+
+
+def _assert_same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    else:
+        assert a == b
+
+
+def test_resume_continues_exactly(tmp_path):
+    flags = data_flags("files", tmp_path / "data")
+    schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--use_ema", "--checkpointing_steps", "1"]
+    full = tmp_path / "full"
+    argv = train_argv(full, "sd15", *flags, *schedule, "--checkpoints_total_limit", "3")
+    assert main(parse_args(argv)).global_step == 4
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    result = main(parse_args([*train_argv(resumed, "sd15", *flags, *schedule), "--resume_from_checkpoint", "latest"]))
+    assert result.global_step == 4
+    expected, actual = _state(full / "checkpoint-4"), _state(resumed / "checkpoint-4")
+    assert actual["ema_step"] == 4
+    assert actual["scheduler"]["last_epoch"] == 4
+    _assert_same(expected, actual)
+    _assert_same(load_file(full / WEIGHTS_NAME), load_file(resumed / WEIGHTS_NAME))
+    # Each checkpoint holds the GSPN weights in the save_gspn format (and the EMA weights).
+    for name in ("gspn", "gspn_ema"):
+        load_gspn(tiny_pipeline("sd15"), resumed / "checkpoint-4" / name)
+
+
+def test_validation_grid_and_tensorboard(tmp_path):
+    flags = data_flags("csv", tmp_path / "data")
+    argv = train_argv(tmp_path / "out", "sd15", *flags, "--max_train_steps", "2", "--prediction_type", "v_prediction")
+    argv[argv.index("--report_to") + 1] = "tensorboard"
+    argv += ["--validation_steps", "1", "--num_validation_inference_steps", "1"]
+    argv += ["--validation_prompts", "a red square", "a blue circle"]  # the last occurrence wins
+    result = main(parse_args(argv))
+    grids = sorted((tmp_path / "out" / "validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step-0000001.png", "step-0000002.png"]
+    assert Image.open(grids[0]).size == (2 * RESOLUTION, RESOLUTION)
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
+    assert np.isfinite(result.losses["loss"])
+
+
+def test_v_prediction_target():
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([10, 900])
+    torch.testing.assert_close(
+        diffusion_target(scheduler, latents, noise, timesteps), scheduler.get_velocity(latents, noise, timesteps)
+    )
+    assert diffusion_target(DDPMScheduler(), latents, noise, timesteps) is noise
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
+    root = write_webdataset(tmp_path / "shards", corrupt=True)
+    dataset = ImageCaptionDataset(find_records(train_data_dir=str(root)), RESOLUTION)
+    assert len(dataset) == 8
+    with caplog.at_level(logging.WARNING):
+        samples = [dataset[i] for i in range(len(dataset))]
+    assert sum(s["skipped"] for s in samples) == 2
+    assert caplog.text.count("Skipping unreadable image") == 2
+    assert all(torch.isfinite(s["pixel_values"]).all() and s["pixel_values"].shape == (3, 64, 64) for s in samples)
+
+
+def test_sdxl_records_original_size_and_crop(tmp_path):
+    image = Image.new("RGB", (128, 64), "white")  # width 128, height 64
+    image.save(tmp_path / "wide.png")
+    (tmp_path / "wide.txt").write_text("a wide image")
+    sample = ImageCaptionDataset(find_records(train_data_dir=str(tmp_path)), RESOLUTION, center_crop=True)[0]
+    assert sample["original_size"].tolist() == [64, 128]
+    assert sample["crop_top_left"].tolist() == [0, 32]
+    batch = collate([sample, sample])
+    time_ids = sdxl_time_ids(batch["original_sizes"], batch["crops_top_left"], RESOLUTION)
+    assert time_ids.tolist() == [[64, 128, 0, 32, 64, 64]] * 2
+    pipe = tiny_pipeline("sdxl")
+    conditioning = text_conditioning(pipe, ["a", ""], torch.device("cpu"), **{
+        "original_sizes": batch["original_sizes"], "crops_top_left": batch["crops_top_left"], "resolution": RESOLUTION,
+    })  # fmt: skip
+    assert conditioning["encoder_hidden_states"].shape == (2, 77, 64)  # both text encoders, concatenated
+    assert conditioning["added_cond_kwargs"]["text_embeds"].shape == (2, 32)  # pooled, from text_encoder_2
+    assert conditioning["added_cond_kwargs"]["time_ids"].tolist() == time_ids.tolist()
+    assert "added_cond_kwargs" not in text_conditioning(tiny_pipeline("sd15"), ["a"], torch.device("cpu"))
+
+
+def _write_bad_layouts(root: Path) -> dict[str, tuple[dict, str]]:
+    """Datasets that cannot be used, each with the phrase its error must contain."""
+    (root / "empty").mkdir(parents=True)
+    (root / "no_captions").mkdir()
+    sample_images()[0][0].save(root / "no_captions" / "a.jpg")
+    write_metadata(root / "wrong_columns", "csv")
+    (root / "wrong_columns" / "metadata.csv").write_text("path,caption\nimages/0.png,x\n")
+    write_metadata(root / "missing_files", "jsonl")
+    shutil.rmtree(root / "missing_files" / "images")
+    (root / "no_images_tar").mkdir()
+    with tarfile.open(root / "no_images_tar" / "00000.tar", "w") as tar:
+        info = tarfile.TarInfo("0.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    write_hf(root / "hf")
+    return {
+        "empty": ({"train_data_dir": str(root / "empty")}, "no images"),
+        "no_captions": ({"train_data_dir": str(root / "no_captions")}, "1 images but no .txt caption"),
+        "wrong_columns": ({"train_data_dir": str(root / "wrong_columns")}, "it needs 'file_name'"),
+        "missing_files": ({"train_data_dir": str(root / "missing_files")}, "None of the 6 images listed"),
+        "no_images_tar": ({"train_data_dir": str(root / "no_images_tar")}, "No image with a caption"),
+        "hf_columns": ({"dataset_name": str(root / "hf")}, "the columns ['image', 'text'] are missing"),
+    }
+
+
+def test_bad_datasets_fail_at_start_with_the_expected_layout(tmp_path):
+    for name, (kwargs, phrase) in _write_bad_layouts(tmp_path).items():
+        with pytest.raises(DatasetLayoutError) as error:
+            find_records(**kwargs)
+        assert phrase in str(error.value), name
+        assert "Expected one of" in str(error.value), name
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_records(train_data_dir=str(tmp_path / "nowhere"))
+
+
+def test_cli_distill_reports_a_bad_dataset_as_an_error(tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
+    argv = ["distill", *train_argv(tmp_path / "out", "sd15", "--train_data_dir", str(tmp_path / "empty"))]
+    with caplog.at_level(logging.ERROR):
+        assert cli_main(argv) == 2
+    assert "Expected one of" in caplog.text
+    assert not (tmp_path / "out" / WEIGHTS_NAME).exists()
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_smoke(tmp_path, record_property):
+    flags = data_flags("webdataset", tmp_path / "data")
+    argv = train_argv(tmp_path / "out", "sdxl", *flags, "--mixed_precision", "bf16", "--gradient_checkpointing")
+    argv[argv.index("--max_train_steps") + 1] = "20"
+    result = main(parse_args(argv))
+    assert result.global_step == 20
+    assert all(np.isfinite(v) for v in result.losses.values()), result.losses
+    steps_per_second = result.images_per_second / 2
+    record_property("steps_per_second", steps_per_second)
+    logging.getLogger(__name__).warning("tiny SD-XL bf16 distillation: %.2f steps/s", steps_per_second)
+    assert all(torch.isfinite(p).all() for p in load_file(tmp_path / "out" / WEIGHTS_NAME).values())

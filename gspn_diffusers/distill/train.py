@@ -402,6 +402,9 @@ def main(args: argparse.Namespace) -> DistillResult:
         shuffle=True,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
+        # (whose RNG state Accelerate restores) would see different noise than the uninterrupted one.
+        generator=torch.Generator().manual_seed(args.seed or 0),
     )
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
