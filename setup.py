@@ -29,7 +29,11 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "tensorboard",
     ],
-    extras_require={"test": ["pytest>=8", "scipy", "ruff"]},
+    extras_require={
+        "test": ["pytest>=8", "scipy", "ruff", "datasets>=2.19"],
+        "distill": ["datasets>=2.19"],
+    },
     entry_points={"console_scripts": ["gspn-diffusers=gspn_diffusers.cli:main"]},
 )

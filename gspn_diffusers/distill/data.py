@@ -249,7 +249,9 @@ def hf_records(
     try:
         import datasets
     except ImportError as error:
-        raise ImportError("Hugging Face datasets need the `datasets` package: pip install datasets") from error
+        raise ValueError(
+            'Hugging Face datasets need the `datasets` package: pip install "gspn-diffusers[distill]" (or datasets).'
+        ) from error
     if Path(name_or_path).exists():
         dataset = datasets.load_from_disk(name_or_path)
     else:

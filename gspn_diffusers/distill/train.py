@@ -191,9 +191,22 @@ def _student_config(args: argparse.Namespace, pipe: DiffusionPipeline) -> GSPNCo
     return dataclasses.replace(config, train_projections=args.train_projections)
 
 
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Cast only when the dtype changes (Diffusers warns about every cast of a loaded model)."""
+    if module.dtype == dtype:
+        module.to(device)
+    else:
+        module.to(device, dtype=dtype)
+
+
 def build_models(args: argparse.Namespace, weight_dtype: torch.dtype, device: torch.device):
     """The pipeline whose UNet is the student, and the frozen teacher; frozen parts in ``weight_dtype``."""
     pipe = load_pipeline(args.model, args.tiny, device="cpu", dtype="float32")
+    if getattr(pipe, "text_encoder", None) is None or not hasattr(pipe, "encode_prompt"):
+        raise ValueError(
+            f"{type(pipe).__name__} is not a text-to-image SD-1.5/SD-2/SD-XL pipeline with a text encoder; "
+            "distillation needs one (an SD-XL refiner or an image-variation pipeline cannot be distilled)."
+        )
     teacher = copy.deepcopy(get_unet(pipe))
     if args.gspn_weights is not None:
         load_gspn(pipe, args.gspn_weights)
@@ -208,10 +221,10 @@ def build_models(args: argparse.Namespace, weight_dtype: torch.dtype, device: to
     student.requires_grad_(False)
     # SD-XL's VAE overflows in fp16: its config asks to stay in fp32 (force_upcast).
     vae_dtype = torch.float32 if pipe.vae.config.get("force_upcast", False) else weight_dtype
-    pipe.vae.to(device, dtype=vae_dtype)
+    _move(pipe.vae, device, vae_dtype)
     for module in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), teacher, student):
         if module is not None:
-            module.to(device, dtype=weight_dtype)
+            _move(module, device, weight_dtype)
     trainable = list(gspn_parameters(student).values())
     for param in trainable:
         # The trained weights stay in fp32 (autocast computes in the low precision), as in Diffusers' LoRA scripts.
@@ -227,7 +240,7 @@ def _optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> to
         try:
             import bitsandbytes as bnb
         except ImportError as error:
-            raise ImportError(
+            raise ValueError(
                 "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)."
             ) from error
         optimizer_class = bnb.optim.AdamW8bit
@@ -300,7 +313,7 @@ def log_validation(
     pipe.set_progress_bar_config(disable=True)
     images = []
     for prompt in args.validation_prompts:
-        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
         with torch.no_grad(), accelerator.autocast():
             result = pipe(
                 prompt,
@@ -448,7 +461,7 @@ def main(args: argparse.Namespace) -> DistillResult:
     progress = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    running = dict.fromkeys(LOSS_TERMS, 0.0)
+    running, micro_batches = dict.fromkeys(LOSS_TERMS, 0.0), 0
     logs: dict[str, float] = {}
     skipped_total, images_seen, start = 0, 0, time.perf_counter()
     images_per_second = 0.0
@@ -477,7 +490,8 @@ def main(args: argparse.Namespace) -> DistillResult:
                 )
                 for term in LOSS_TERMS:
                     mean = accelerator.gather(losses[term].detach().reshape(1)).mean().item()
-                    running[term] += mean / args.gradient_accumulation_steps
+                    running[term] += mean
+                micro_batches += 1
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -493,17 +507,17 @@ def main(args: argparse.Namespace) -> DistillResult:
             global_step += 1
             progress.update(1)
             images_per_second = images_seen / (time.perf_counter() - start)
+            # Averaged over the micro-batches of this step (the last step of an epoch may have fewer).
             logs = {
-                **{("loss" if t == "loss" else f"loss/{t}"): v for t, v in running.items()},
+                **{("loss" if t == "loss" else f"loss/{t}"): v / micro_batches for t, v in running.items()},
                 "lr": lr_scheduler.get_last_lr()[0],
                 "images_per_second": images_per_second,
                 "skipped_images": skipped_total,
             }
             accelerator.log(logs, step=global_step)
-            progress.set_postfix(
-                loss=f"{running['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}"
-            )
-            running = dict.fromkeys(LOSS_TERMS, 0.0)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
+            running, micro_batches = dict.fromkeys(LOSS_TERMS, 0.0), 0
+            io_start = time.perf_counter()
             if global_step % args.checkpointing_steps == 0:
                 if accelerator.is_main_process:
                     _prune_checkpoints(output_dir, args.checkpoints_total_limit)
@@ -513,6 +527,7 @@ def main(args: argparse.Namespace) -> DistillResult:
             if accelerator.is_main_process and validate and global_step < max_train_steps:
                 with _EMAWeights(ema, trainable):
                     log_validation(pipe, args, accelerator, resolution, global_step)
+            start += time.perf_counter() - io_start  # throughput counts training time only
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
