@@ -20,9 +20,9 @@ from diffusers import DDPMScheduler
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from gspn_diffusers import GSPNConfig, convert, load_gspn
+from gspn_diffusers import GSPNConfig, convert, gspn_parameters, load_gspn, save_gspn
 from gspn_diffusers.cli import main as cli_main
-from gspn_diffusers.distill.conditioning import prepare_inputs, sdxl_time_ids, text_conditioning
+from gspn_diffusers.distill.conditioning import drop_captions, prepare_inputs, sdxl_time_ids, text_conditioning
 from gspn_diffusers.distill.data import DatasetLayoutError, ImageCaptionDataset, collate, find_records
 from gspn_diffusers.distill.losses import Attn1Recorder, LossWeights, diffusion_target, distillation_losses
 from gspn_diffusers.distill.train import main, parse_args
@@ -144,14 +144,18 @@ def train_argv(output_dir: Path, kind: str = "sd15", *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def fixed_batch_losses(kind: str, records, weights_dir: Path | None) -> dict[str, float]:
-    """The distillation loss of a fresh student (or one loaded from ``weights_dir``) on a fixed batch and noise."""
+def initial_weights(kind: str, directory: Path) -> Path:
+    """A freshly converted student, saved: the trainer starts from it (--gspn_weights) and the test measures it."""
+    pipe = tiny_pipeline(kind)
+    torch.manual_seed(0)
+    return save_gspn(convert(pipe, GSPNConfig.from_preset(kind, gate_rank=2)), directory)
+
+
+def fixed_batch_losses(kind: str, records, weights_dir: Path) -> dict[str, float]:
+    """The loss terms of the student saved in ``weights_dir`` on a fixed batch, noise and timesteps."""
     pipe = tiny_pipeline(kind)
     teacher = copy.deepcopy(pipe.unet)
-    if weights_dir is None:
-        convert(pipe, GSPNConfig.from_preset(kind, gate_rank=2))
-    else:
-        load_gspn(pipe, weights_dir)
+    load_gspn(pipe, weights_dir)
     batch = collate([ImageCaptionDataset(records, RESOLUTION, center_crop=True)[i] for i in range(4)])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     inputs = prepare_inputs(
@@ -194,8 +198,9 @@ def _records(flags: list[str]):
 def test_a_few_steps_reduce_the_distillation_loss(tmp_path, fmt, kind):
     flags = data_flags(fmt, tmp_path / "data")
     records = _records(flags)
-    before = fixed_batch_losses(kind, records, None)
-    result = main(parse_args(train_argv(tmp_path / "out", kind, *flags)))
+    start = initial_weights(kind, tmp_path / "start")
+    before = fixed_batch_losses(kind, records, start)
+    result = main(parse_args(train_argv(tmp_path / "out", kind, *flags, "--gspn_weights", str(start))))
     assert result.global_step == 4
     assert set(result.losses) == {"loss", "loss/target", "loss/teacher", "loss/feature"}
     assert all(np.isfinite(v) for v in result.losses.values())
@@ -280,6 +285,7 @@ def test_validation_grid_and_tensorboard(tmp_path):
     argv = train_argv(tmp_path / "out", "sd15", *flags, "--max_train_steps", "2", "--prediction_type", "v_prediction")
     argv[argv.index("--report_to") + 1] = "tensorboard"
     argv += ["--validation_steps", "1", "--num_validation_inference_steps", "1"]
+    argv += ["--gradient_accumulation_steps", "2", "--gradient_checkpointing"]
     argv += ["--validation_prompts", "a red square", "a blue circle"]  # the last occurrence wins
     result = main(parse_args(argv))
     grids = sorted((tmp_path / "out" / "validation").glob("*.png"))
@@ -287,6 +293,40 @@ def test_validation_grid_and_tensorboard(tmp_path):
     assert Image.open(grids[0]).size == (2 * RESOLUTION, RESOLUTION)
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
     assert np.isfinite(result.losses["loss"])
+
+
+def test_feature_loss_gradients_are_the_same_with_gradient_checkpointing():
+    """The attn1 outputs are recorded in the forward pass; recomputation during backward must not change them."""
+    grads = []
+    for checkpointing in (False, True):
+        pipe = tiny_pipeline("sd15")
+        teacher = copy.deepcopy(pipe.unet)
+        torch.manual_seed(0)  # the gate projection is initialised randomly
+        convert(pipe, GSPNConfig.from_preset("sd15", gate_rank=2))
+        pipe.unet.requires_grad_(False)
+        params = gspn_parameters(pipe)
+        for param in params.values():
+            param.requires_grad_(True)
+        if checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        conditioning = text_conditioning(pipe, ["a red square"], torch.device("cpu"))
+        recorders = Attn1Recorder(pipe.unet), Attn1Recorder(teacher)
+        weights = LossWeights(teacher=0.0, feature=1.0)
+        losses = distillation_losses(
+            pipe.unet, teacher, *recorders, latents, torch.tensor([500]), latents, conditioning, weights
+        )
+        losses["feature"].backward()
+        grads.append({name: param.grad.clone() for name, param in params.items()})
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_caption_dropout():
+    captions = ["a", "b", "c", "d"]
+    assert drop_captions(captions, 0.0) == captions
+    assert drop_captions(captions, 1.0) == ["", "", "", ""]
 
 
 def test_v_prediction_target():

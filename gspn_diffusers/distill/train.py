@@ -209,6 +209,13 @@ def build_models(args: argparse.Namespace, weight_dtype: torch.dtype, device: to
         )
     teacher = copy.deepcopy(get_unet(pipe))
     if args.gspn_weights is not None:
+        config_flags = [
+            f for f in ("preset", "gate_rank", "gate_channels", "chunk_size") if getattr(args, f) is not None
+        ]
+        if config_flags:
+            logger.warning(
+                "--gspn_weights given: its saved config is used and %s are ignored.", ", ".join(config_flags)
+            )
         load_gspn(pipe, args.gspn_weights)
         if args.train_projections:
             gspn_config_of(pipe).train_projections = True
