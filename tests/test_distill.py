@@ -412,6 +412,10 @@ def test_cli_distill_reports_a_bad_dataset_as_an_error(tmp_path, caplog):
         assert cli_main(argv) == 2
     assert "Expected one of" in caplog.text
     assert not (tmp_path / "out" / WEIGHTS_NAME).exists()
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert cli_main([*argv, "--caption_dropout", "1.5"]) == 2
+    assert "--caption_dropout is a probability" in caplog.text
 
 
 @pytest.mark.gpu

@@ -346,8 +346,76 @@ def _scalar_config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
 
 
+def _register_state_hooks(
+    accelerator: Accelerator, student: torch.nn.Module, trainable: list[torch.nn.Parameter], ema: EMAModel | None
+) -> None:
+    """``save_state`` writes the GSPN weights (and EMA weights) with ``save_gspn`` instead of the whole UNet."""
+
+    def save_model_hook(models: list, model_weights: list, save_dir: str) -> None:
+        if accelerator.is_main_process:
+            for model in models:
+                save_gspn(accelerator.unwrap_model(model), Path(save_dir) / GSPN_SUBFOLDER)
+                model_weights.pop()  # the full UNet is not saved: only the GSPN weights change
+            if ema is not None:
+                with _EMAWeights(ema, trainable):
+                    save_gspn(student, Path(save_dir) / EMA_SUBFOLDER)
+
+    def load_model_hook(models: list, load_dir: str) -> None:
+        while models:
+            load_gspn(accelerator.unwrap_model(models.pop()), Path(load_dir) / GSPN_SUBFOLDER)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def _dataloader(args: argparse.Namespace, dataset: ImageCaptionDataset) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
+        # (whose RNG state Accelerate restores) would see different noise than the uninterrupted one.
+        generator=torch.Generator().manual_seed(args.seed or 0),
+    )
+
+
+def _resume(accelerator: Accelerator, args: argparse.Namespace, output_dir: Path) -> int:
+    """Load the checkpoint asked for (model, optimizer, LR schedule, EMA, sampler, RNG); returns its step."""
+    checkpoint = _resolve_resume(args, output_dir)
+    if checkpoint is None:
+        return 0
+    logger.info("Resuming from %s", checkpoint)
+    accelerator.load_state(str(checkpoint))
+    return int(checkpoint.name.split("-")[-1])
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit: int | None) -> None:
+    if accelerator.is_main_process:
+        _prune_checkpoints(output_dir, limit)
+    accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
+    logger.info("Saved state to %s", output_dir / f"checkpoint-{step}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Fail on impossible settings before anything is loaded."""
+    positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps"]
+    positive += ["max_train_steps", "checkpoints_total_limit", "resolution", "num_validation_inference_steps"]
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1; got {value}.")
+    for name in ("teacher_loss_weight", "feature_loss_weight", "learning_rate", "lr_warmup_steps", "validation_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must not be negative; got {getattr(args, name)}.")
+    if not 0.0 <= args.caption_dropout <= 1.0:
+        raise ValueError(f"--caption_dropout is a probability in [0, 1]; got {args.caption_dropout}.")
+
+
 def main(args: argparse.Namespace) -> DistillResult:
     """Run the distillation described by ``args`` (from :func:`parse_args`)."""
+    check_args(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -400,32 +468,9 @@ def main(args: argparse.Namespace) -> DistillResult:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
-    def save_model_hook(models: list, model_weights: list, save_dir: str) -> None:
-        if accelerator.is_main_process:
-            for model in models:
-                save_gspn(accelerator.unwrap_model(model), Path(save_dir) / GSPN_SUBFOLDER)
-                model_weights.pop()  # the full UNet is not saved: only the GSPN weights change
-            if ema is not None:
-                with _EMAWeights(ema, trainable):
-                    save_gspn(student, Path(save_dir) / EMA_SUBFOLDER)
+    _register_state_hooks(accelerator, student, trainable, ema)
 
-    def load_model_hook(models: list, load_dir: str) -> None:
-        while models:
-            load_gspn(accelerator.unwrap_model(models.pop()), Path(load_dir) / GSPN_SUBFOLDER)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    train_dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
-        # (whose RNG state Accelerate restores) would see different noise than the uninterrupted one.
-        generator=torch.Generator().manual_seed(args.seed or 0),
-    )
+    train_dataloader = _dataloader(args, dataset)
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(
@@ -456,14 +501,9 @@ def main(args: argparse.Namespace) -> DistillResult:
         args.gradient_accumulation_steps,
     )
 
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    checkpoint = _resolve_resume(args, output_dir)
-    if checkpoint is not None:
-        logger.info("Resuming from %s", checkpoint)
-        accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name.split("-")[-1])
-        first_epoch = global_step // updates_per_epoch
-        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    global_step = _resume(accelerator, args, output_dir)
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
     progress = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
@@ -526,10 +566,7 @@ def main(args: argparse.Namespace) -> DistillResult:
             running, micro_batches = dict.fromkeys(LOSS_TERMS, 0.0), 0
             io_start = time.perf_counter()
             if global_step % args.checkpointing_steps == 0:
-                if accelerator.is_main_process:
-                    _prune_checkpoints(output_dir, args.checkpoints_total_limit)
-                accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
-                logger.info("Saved state to %s", output_dir / f"checkpoint-{global_step}")
+                _save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             validate = args.validation_prompts and args.validation_steps and global_step % args.validation_steps == 0
             if accelerator.is_main_process and validate and global_step < max_train_steps:
                 with _EMAWeights(ema, trainable):
