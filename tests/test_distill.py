@@ -350,6 +350,21 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     assert all(torch.isfinite(s["pixel_values"]).all() and s["pixel_values"].shape == (3, 64, 64) for s in samples)
 
 
+def test_caption_lists_and_missing_captions(tmp_path):
+    sample_images()[0][0].save(tmp_path / "a.png")
+    rows = [{"file_name": "a.png", "text": ["one", "two"]}, {"file_name": "a.png", "text": None}, {"text": "x"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = find_records(train_data_dir=str(tmp_path))
+    assert len(records) == 2  # the row without a file_name is left out
+    dataset = ImageCaptionDataset(records, RESOLUTION)
+    picked = set()
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        picked.add(dataset[0]["caption"])
+    assert picked == {"one", "two"}
+    assert dataset[1]["caption"] == ""
+
+
 def test_sdxl_records_original_size_and_crop(tmp_path):
     image = Image.new("RGB", (128, 64), "white")  # width 128, height 64
     image.save(tmp_path / "wide.png")

@@ -225,8 +225,8 @@ def metadata_records(root: Path, metadata: Path, caption_column: str = "text") -
         )
     records, missing = [], 0
     for row in rows:
-        image = root / str(row[FILE_COLUMN])
-        if not image.is_file():
+        image = root / str(row.get(FILE_COLUMN) or "")
+        if row.get(FILE_COLUMN) is None or not image.is_file():
             missing += 1
             continue
         records.append(ImageRecord(row[caption_column], str(image), image))
@@ -252,10 +252,16 @@ def hf_records(
         raise ValueError(
             'Hugging Face datasets need the `datasets` package: pip install "gspn-diffusers[distill]" (or datasets).'
         ) from error
-    if Path(name_or_path).exists():
-        dataset = datasets.load_from_disk(name_or_path)
-    else:
-        dataset = datasets.load_dataset(name_or_path, config_name, cache_dir=cache_dir)
+    try:
+        if Path(name_or_path).exists():
+            dataset = datasets.load_from_disk(name_or_path)
+        else:
+            dataset = datasets.load_dataset(name_or_path, config_name, cache_dir=cache_dir)
+    except (OSError, ValueError, ConnectionError) as error:
+        raise OSError(
+            f"Could not load the Hugging Face dataset {name_or_path!r}: {error}\nPass a folder written by "
+            "Dataset.save_to_disk, or a hub dataset that is cached or can be downloaded."
+        ) from error
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DatasetLayoutError(f"Dataset {name_or_path!r} has splits {sorted(dataset)}, not {split!r}.")
@@ -335,6 +341,13 @@ def open_image(source: bytes | str | Path) -> Image.Image:
     return image.convert("RGB")
 
 
+def _pick_caption(caption: Any, rng: random.Random) -> str:
+    """One caption: a random one of several (COCO-style lists), the empty prompt for a missing one."""
+    if isinstance(caption, list | tuple):
+        caption = rng.choice(caption) if caption else None
+    return "" if caption is None else str(caption)
+
+
 class ImageCaptionDataset(Dataset):
     """Training samples: pixels in [-1, 1] at ``resolution``, caption, original size and crop.
 
@@ -382,7 +395,7 @@ class ImageCaptionDataset(Dataset):
         flip = self.random_flip and rng.random() < 0.5
         image, original_size, crop_top_left = resize_and_crop(image, self.resolution, self.center_crop, flip, rng)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-        caption = record.caption if isinstance(record.caption, str) else rng.choice(record.caption)
+        caption = _pick_caption(record.caption, rng)
         return {
             "pixel_values": pixels,
             "caption": caption,

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..config import GSPNConfig
 from ..convert import convert, get_unet, gspn_config_of, gspn_parameters
-from ..loading import load_pipeline
+from ..loading import DTYPES, load_pipeline
 from ..serialization import load_gspn, save_gspn
 from ..tiny import TINY_KINDS
 from .conditioning import prepare_inputs
@@ -201,7 +201,9 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 def build_models(args: argparse.Namespace, weight_dtype: torch.dtype, device: torch.device):
     """The pipeline whose UNet is the student, and the frozen teacher; frozen parts in ``weight_dtype``."""
-    pipe = load_pipeline(args.model, args.tiny, device="cpu", dtype="float32")
+    # Loaded on the CPU in the weight dtype: each process of a multi-GPU run holds one copy in host memory.
+    dtype_name = next(name for name, dtype in DTYPES.items() if dtype == weight_dtype)
+    pipe = load_pipeline(args.model, args.tiny, device="cpu", dtype=dtype_name)
     if getattr(pipe, "text_encoder", None) is None or not hasattr(pipe, "encode_prompt"):
         raise ValueError(
             f"{type(pipe).__name__} is not a text-to-image SD-1.5/SD-2/SD-XL pipeline with a text encoder; "
@@ -237,6 +239,8 @@ def build_models(args: argparse.Namespace, weight_dtype: torch.dtype, device: to
         # The trained weights stay in fp32 (autocast computes in the low precision), as in Diffusers' LoRA scripts.
         param.data = param.data.float()
         param.requires_grad_(True)
+    if args.gspn_weights is not None and weight_dtype != torch.float32:
+        load_gspn(pipe, args.gspn_weights)  # again, now into fp32: no rounding through the weight dtype
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     return pipe, teacher, trainable
