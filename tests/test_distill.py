@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -431,6 +432,11 @@ def test_cli_distill_reports_a_bad_dataset_as_an_error(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert cli_main([*argv, "--caption_dropout", "1.5"]) == 2
     assert "--caption_dropout is a probability" in caplog.text
+    if importlib.util.find_spec("bitsandbytes") is None:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert cli_main([*argv, "--use_8bit_adam"]) == 2
+        assert "pip install bitsandbytes" in caplog.text
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import logging
 import math
 import shutil
@@ -248,12 +249,8 @@ def build_models(args: argparse.Namespace, weight_dtype: torch.dtype, device: to
 
 def _optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise ValueError(
-                "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)."
-            ) from error
+        import bitsandbytes as bnb  # presence checked in check_args
+
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
@@ -415,6 +412,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must not be negative; got {getattr(args, name)}.")
     if not 0.0 <= args.caption_dropout <= 1.0:
         raise ValueError(f"--caption_dropout is a probability in [0, 1]; got {args.caption_dropout}.")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag).")
 
 
 def main(args: argparse.Namespace) -> DistillResult:
@@ -549,7 +548,7 @@ def main(args: argparse.Namespace) -> DistillResult:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            skipped_total += int(accelerator.reduce(batch["skipped"].to(accelerator.device), "sum").item())
+            skipped_total += int(accelerator.reduce(batch["skipped"].reshape(1).to(accelerator.device), "sum").item())
             images_seen += len(batch["captions"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
