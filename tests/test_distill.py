@@ -291,7 +291,10 @@ def test_validation_grid_and_tensorboard(tmp_path):
     result = main(parse_args(argv))
     grids = sorted((tmp_path / "out" / "validation").glob("*.png"))
     assert [g.name for g in grids] == ["step-0000001.png", "step-0000002.png"]
-    assert Image.open(grids[0]).size == (2 * RESOLUTION, RESOLUTION)
+    grid = np.asarray(Image.open(grids[-1]))
+    assert grid.shape == (2 * RESOLUTION, 2 * RESOLUTION, 3)  # two prompts; teacher on top, student below
+    assert not np.array_equal(grid[:RESOLUTION], grid[RESOLUTION:])
+    np.testing.assert_array_equal(np.asarray(Image.open(grids[0]))[:RESOLUTION], grid[:RESOLUTION])
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
     assert np.isfinite(result.losses["loss"])
 

@@ -314,32 +314,63 @@ class _EMAWeights:
             self.ema.restore(self.params)
 
 
-def log_validation(
-    pipe: DiffusionPipeline, args: argparse.Namespace, accelerator: Accelerator, resolution: int, step: int
-) -> Path:
-    """Images for the fixed validation prompts and seed, as one grid PNG and in tensorboard."""
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for prompt in args.validation_prompts:
-        generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
-        with torch.no_grad(), accelerator.autocast():
-            result = pipe(
-                prompt,
-                height=resolution,
-                width=resolution,
-                num_inference_steps=args.num_validation_inference_steps,
-                generator=generator,
-            )
-        images.append(result.images[0])
-    path = Path(args.output_dir) / "validation" / f"step-{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_image_grid(images, rows=1, cols=len(images)).save(path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            stacked = np.stack([np.asarray(image) for image in images])
-            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
-    logger.info("Validation images for step %d -> %s", step, path)
-    return path
+class Validation:
+    """Images for the fixed validation prompts and seed, as a grid PNG and in tensorboard.
+
+    The grid's top row is the teacher (rendered once: it is frozen), the bottom row the student, so
+    each grid shows how close the distillation has come.
+    """
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        teacher: torch.nn.Module,
+        args: argparse.Namespace,
+        accelerator: Accelerator,
+        resolution: int,
+    ) -> None:
+        self.pipe, self.teacher, self.args = pipe, teacher, args
+        self.accelerator, self.resolution = accelerator, resolution
+        self._teacher_images: list | None = None
+
+    def _generate(self) -> list:
+        self.pipe.set_progress_bar_config(disable=True)
+        images = []
+        for prompt in self.args.validation_prompts:
+            generator = torch.Generator(device="cpu").manual_seed(self.args.seed or 0)
+            with torch.no_grad(), self.accelerator.autocast():
+                result = self.pipe(
+                    prompt,
+                    height=self.resolution,
+                    width=self.resolution,
+                    num_inference_steps=self.args.num_validation_inference_steps,
+                    generator=generator,
+                )
+            images.append(result.images[0])
+        return images
+
+    def teacher_images(self) -> list:
+        if self._teacher_images is None:
+            student = self.pipe.unet
+            self.pipe.unet = self.teacher
+            try:
+                self._teacher_images = self._generate()
+            finally:
+                self.pipe.unet = student
+        return self._teacher_images
+
+    def __call__(self, step: int) -> Path:
+        student, teacher = self._generate(), self.teacher_images()
+        path = Path(self.args.output_dir) / "validation" / f"step-{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_image_grid(teacher + student, rows=2, cols=len(student)).save(path)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                for name, images in (("student", student), ("teacher", teacher)):
+                    stacked = np.stack([np.asarray(image) for image in images])
+                    tracker.writer.add_images(f"validation/{name}", stacked, step, dataformats="NHWC")
+        logger.info("Validation images for step %d (top: teacher, bottom: student) -> %s", step, path)
+        return path
 
 
 def _scalar_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -474,6 +505,7 @@ def main(args: argparse.Namespace) -> DistillResult:
     _register_state_hooks(accelerator, student, trainable, ema)
 
     train_dataloader = _dataloader(args, dataset)
+    validation = Validation(pipe, teacher, args, accelerator, resolution)
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(
@@ -573,7 +605,7 @@ def main(args: argparse.Namespace) -> DistillResult:
             validate = args.validation_prompts and args.validation_steps and global_step % args.validation_steps == 0
             if accelerator.is_main_process and validate and global_step < max_train_steps:
                 with _EMAWeights(ema, trainable):
-                    log_validation(pipe, args, accelerator, resolution, global_step)
+                    validation(global_step)
             start += time.perf_counter() - io_start  # throughput counts training time only
             if global_step >= max_train_steps:
                 break
@@ -590,7 +622,7 @@ def main(args: argparse.Namespace) -> DistillResult:
         save_gspn(student, output_dir)
         logger.info("Saved the distilled GSPN weights to %s (load with gspn_diffusers.load_gspn)", output_dir)
         if args.validation_prompts:
-            log_validation(pipe, args, accelerator, resolution, global_step)
+            validation(global_step)
     student_recorder.remove()
     teacher_recorder.remove()
     accelerator.end_training()
