@@ -8,7 +8,11 @@ import importlib.util
 import io
 import json
 import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -440,6 +444,29 @@ def test_cli_distill_reports_a_bad_dataset_as_an_error(tmp_path, caplog):
         with caplog.at_level(logging.ERROR):
             assert cli_main([*argv, "--use_8bit_adam"]) == 2
         assert "pip install bitsandbytes" in caplog.text
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_ddp_run_from_the_command_line(tmp_path):
+    """The module entry point under torch.distributed (gloo on the CPU): what `accelerate launch` runs on GPUs."""
+    data = write_files(tmp_path / "data")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "gspn_diffusers.distill.train", *train_argv(tmp_path / "out", "sd15", "--train_data_dir", str(data)),
+        "--max_train_steps", "2", "--checkpointing_steps", "2", "--train_batch_size", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Num processes: 2" in result.stderr
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "optimizer.bin"} <= {p.name for p in checkpoint.iterdir()}
+    load_gspn(tiny_pipeline("sd15"), tmp_path / "out")
 
 
 @pytest.mark.gpu
