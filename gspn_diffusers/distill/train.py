@@ -23,7 +23,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +200,14 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
         module.to(device, dtype=dtype)
 
 
-def build_models(args: argparse.Namespace, weight_dtype: torch.dtype, device: torch.device):
+def _upcast(params: Iterable[torch.nn.Parameter]) -> None:
+    for param in params:
+        param.data = param.data.float()
+
+
+def build_models(
+    args: argparse.Namespace, weight_dtype: torch.dtype, device: torch.device
+) -> tuple[DiffusionPipeline, torch.nn.Module, list[torch.nn.Parameter]]:
     """The pipeline whose UNet is the student, and the frozen teacher; frozen parts in ``weight_dtype``."""
     # Loaded on the CPU in the weight dtype: each process of a multi-GPU run holds one copy in host memory.
     dtype_name = next(name for name, dtype in DTYPES.items() if dtype == weight_dtype)
@@ -220,8 +227,6 @@ def build_models(args: argparse.Namespace, weight_dtype: torch.dtype, device: to
                 "--gspn_weights given: its saved config is used and %s are ignored.", ", ".join(config_flags)
             )
         load_gspn(pipe, args.gspn_weights)
-        if args.train_projections:
-            gspn_config_of(pipe).train_projections = True
     else:
         convert(pipe, _student_config(args, pipe))
     student = get_unet(pipe)
@@ -229,19 +234,23 @@ def build_models(args: argparse.Namespace, weight_dtype: torch.dtype, device: to
         if module is not None:
             module.requires_grad_(False).eval()
     student.requires_grad_(False)
-    # SD-XL's VAE overflows in fp16: its config asks to stay in fp32 (force_upcast).
+    # VAEs that overflow in fp16 (SD-XL's) ask to stay in fp32 with force_upcast, as the pipelines do at inference.
     vae_dtype = torch.float32 if pipe.vae.config.get("force_upcast", False) else weight_dtype
     _move(pipe.vae, device, vae_dtype)
     for module in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), teacher, student):
         if module is not None:
             _move(module, device, weight_dtype)
+    # The trained weights stay in fp32 (autocast computes in the low precision), as in Diffusers' LoRA scripts.
+    _upcast(gspn_parameters(student).values())
+    if args.gspn_weights is not None:
+        if weight_dtype != torch.float32:
+            load_gspn(pipe, args.gspn_weights)  # again, now into fp32: no rounding through the weight dtype
+        if args.train_projections:
+            gspn_config_of(pipe).train_projections = True  # from now on trained and saved too
     trainable = list(gspn_parameters(student).values())
+    _upcast(trainable)
     for param in trainable:
-        # The trained weights stay in fp32 (autocast computes in the low precision), as in Diffusers' LoRA scripts.
-        param.data = param.data.float()
         param.requires_grad_(True)
-    if args.gspn_weights is not None and weight_dtype != torch.float32:
-        load_gspn(pipe, args.gspn_weights)  # again, now into fp32: no rounding through the weight dtype
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     return pipe, teacher, trainable
