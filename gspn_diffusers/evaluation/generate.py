@@ -103,11 +103,10 @@ def generate_images(
         share = list(share)
     if state.is_main_process:
         logger.info(
-            "%d of %d images to generate (%d already written), %d on each of %d processes",
+            "%d of %d images to generate (%d already written), split over %d processes",
             len(todo),
             len(records),
             len(records) - len(todo),
-            len(share),
             state.num_processes,
         )
     pipe.set_progress_bar_config(disable=True)  # one bar over images, not one per image

@@ -173,6 +173,11 @@ class ClipTScore:
         self.count += len(captions)
 
     def compute(self) -> float:
-        if self.count == 0:
+        """The score over all processes of a distributed run (the sums are all-reduced, as torchmetrics does)."""
+        stats = torch.tensor([self.total, self.count], dtype=torch.float64, device=self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        total, count = stats.tolist()
+        if count == 0:
             raise ValueError("CLIP-T needs at least one image.")
-        return CLIP_T_SCALE * self.total / self.count
+        return CLIP_T_SCALE * total / count

@@ -60,11 +60,10 @@ def load_results(run: str | Path) -> dict[str, Any]:
 
 
 def _cell(value: Any) -> str:
+    """Metrics with 3 decimals; settings as given."""
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _setting(results: dict[str, Any], key: str) -> Any:
@@ -85,7 +84,7 @@ def _render(header: list[str], rows: list[list[str]]) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """A short two-column table: the metrics, then the settings that define the run."""
     rows = [[label, _cell(results["metrics"].get(key, {}).get("value"))] for key, (label, _) in METRICS.items()]
-    rows += [[key, _cell(_setting(results, key))] for key in _SETTING_ROWS]
+    rows += [[key, str(_setting(results, key))] for key in _SETTING_ROWS]
     return _render(["", "value"], rows)
 
 
@@ -106,7 +105,7 @@ def format_comparison(a: dict[str, Any], b: dict[str, Any], names: tuple[str, st
         )
     for key in _SETTING_ROWS:
         sa, sb = _setting(a, key), _setting(b, key)
-        rows.append([key + (" *" if sa != sb else ""), _cell(sa), _cell(sb), ""])
+        rows.append([key + (" *" if sa != sb else ""), str(sa), str(sb), ""])
     for key in ("clip_t", "fid"):
         ma, mb = (r["metrics"].get(key, {}).get("model") for r in (a, b))
         if ma != mb:

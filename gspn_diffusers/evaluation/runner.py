@@ -105,8 +105,13 @@ def compute_metrics(
     device: str | torch.device,
     batch_size: int = 32,
     num_workers: int = 0,
+    show_progress: bool = True,
 ) -> dict[str, float]:
-    """One pass over the images: FID (generated vs the selected COCO images) and CLIP-T (generated vs captions)."""
+    """One pass over the images: FID (generated vs the selected COCO images) and CLIP-T (generated vs captions).
+
+    In a distributed run each process passes its share of ``records``; both metrics sum their
+    statistics over the processes when they compute, so every process gets the values of all images.
+    """
     fid_metric = fid_metric.to(device)
     clip_t = ClipTScore(clip, device)
     loader = DataLoader(
@@ -115,7 +120,7 @@ def compute_metrics(
         num_workers=num_workers,
     )
     with torch.no_grad():
-        for fake, real, pixels, captions in tqdm(loader, desc="metrics", unit="batch"):
+        for fake, real, pixels, captions in tqdm(loader, desc="metrics", unit="batch", disable=not show_progress):
             fid_metric.update(real.to(device), real=True)
             fid_metric.update(fake.to(device), real=False)
             clip_t.update(pixels, captions)
@@ -141,15 +146,16 @@ def evaluate(
     ``pipe`` is a pipeline or a function that loads one: with a function the inputs and the metric
     weights are checked before the (expensive) load. ``fid_feature_extractor`` and ``clip`` replace
     Inception and the open_clip model (tests, smoke runs). Call it on every process of an ``accelerate
-    launch``: generation is split across them, the metrics run on the main process, which alone gets
-    the results (the others get ``None``).
+    launch``: generation and metrics are split across them; the main process writes and returns the
+    results (the others get ``None``).
     """
     state = state or PartialState()
     started = datetime.now(timezone.utc)
     records = select_captions(config.annotation_file, config.num_captions, config.seed)
     reference = check_reference_images(records, config.image_dir)
-    fid_weights = inception_weights(config.fid_weights) if fid_feature_extractor is None else None
-    clip_file = clip_checkpoint(config.clip_model, config.clip_pretrained) if clip is None else None
+    with state.main_process_first():  # one process downloads (when online), the others find the cache
+        fid_weights = inception_weights(config.fid_weights) if fid_feature_extractor is None else None
+        clip_file = clip_checkpoint(config.clip_model, config.clip_pretrained) if clip is None else None
     if not isinstance(pipe, DiffusionPipeline):
         pipe = pipe()
     height, width = config.height or _native_size(pipe), config.width or _native_size(pipe)
@@ -197,14 +203,14 @@ def evaluate(
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if not state.is_main_process:
-        return None
 
     start = time.perf_counter()
     clip_model = clip or load_clip(config.clip_model, config.clip_pretrained, state.device, clip_file)
     fid_metric = build_fid(fid_feature_extractor, fid_weights)
+    with state.split_between_processes(records) as share:
+        share = list(share)
     values = compute_metrics(
-        records,
+        share,
         image_dir,
         reference,
         height,
@@ -214,7 +220,10 @@ def evaluate(
         state.device,
         config.metric_batch_size,
         config.num_workers,
+        show_progress=state.is_local_main_process,
     )
+    if not state.is_main_process:
+        return None
     results = {
         "format": RESULTS_FORMAT,
         "metrics": {
