@@ -176,7 +176,9 @@ def test_end_to_end_run_resumes_without_regenerating(coco, tmp_path):
     assert (settings["height"], settings["width"], settings["steps"], settings["guidance_scale"]) == (64, 64, 2, 7.5)
     assert settings["original"] is True and settings["gspn_weights"] is None
     assert saved["metrics"]["clip_t"]["model"] == "tiny-random-clip/random"
-    assert saved["versions"]["torch"] == torch.__version__.split("+")[0] or saved["versions"]["torch"]
+    assert saved["settings"]["annotation_file"] == config.annotation_file
+    assert all(saved["versions"][name] for name in ("torch", "diffusers", "torchmetrics", "open_clip_torch"))
+    assert saved["run"]["started"] <= saved["run"]["finished"]
 
     mtimes = {name: (image_dir / name).stat().st_mtime_ns for name in pngs}
     again = evaluate(pipe, config, model_name="tiny-sd15", fid_feature_extractor=extractor, clip=clip)
@@ -288,10 +290,13 @@ def test_cli_smoke_run_and_errors(coco, tmp_path, caplog, capsys):
         "--output-dir",
         str(run),
     ]
+    weights = tmp_path / "gspn"
+    assert main(["convert", "--tiny", "sd15", "--output", str(weights)]) == 0
     tiny = [
         "--tiny",
         "sd15",
-        "--original",
+        "--gspn-weights",
+        str(weights),
         "--tiny-metrics",
         "--num-captions",
         "2",
@@ -306,7 +311,9 @@ def test_cli_smoke_run_and_errors(coco, tmp_path, caplog, capsys):
     ]
     assert main(base + tiny) == 0
     assert sorted(p.name for p in (run / "images").glob("*.png")) == ["000000.png", "000001.png"]
-    assert load_results(run)["settings"]["model"] == "tiny-sd15"
+    settings = load_results(run)["settings"]
+    assert settings["model"] == "tiny-sd15" and settings["gspn_weights"] == str(weights)
+    assert settings["original"] is False and settings["gspn_config"]["preset"] == "sd15"
     assert "FID" in capsys.readouterr().out
 
     caplog.set_level(logging.ERROR)

@@ -170,7 +170,7 @@ def evaluate(
         "gspn_weights": gspn_weights,
         "original": not gspn,
         "gspn_config": gspn_config_of(unet).to_dict() if gspn else None,
-        "annotation_file": Path(config.annotation_file).name,
+        "captions_file": Path(config.annotation_file).name,
         "seed": config.seed,
         "height": height,
         "width": width,
