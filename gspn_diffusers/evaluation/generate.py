@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .coco import CaptionRecord
+from .files import save_png_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +31,7 @@ SETTINGS_NAME = "generation.json"
 def write_manifest(image_dir: Path, records: Sequence[CaptionRecord]) -> Path:
     """One JSON line per image: index (the PNG name), COCO image id, caption id, file name, caption, seed."""
     path = image_dir / MANIFEST_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(record.to_dict()) + "\n" for record in records))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(json.dumps(record.to_dict()) + "\n" for record in records))
     return path
 
 
@@ -62,17 +60,11 @@ def check_settings(image_dir: Path, settings: dict[str, Any], write: bool = True
                 "or delete that folder to start over."
             )
     elif write:
-        path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        write_text_atomically(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def pending_records(records: Sequence[CaptionRecord], image_dir: Path) -> list[CaptionRecord]:
     return [record for record in records if not (image_dir / record.png_name).is_file()]
-
-
-def _save_png(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def generate_images(
@@ -124,7 +116,7 @@ def generate_images(
             generator=generators,
         ).images
         for record, image in zip(batch, images, strict=True):
-            _save_png(image, image_dir / record.png_name)
+            save_png_atomically(image, image_dir / record.png_name)
         progress.update(len(batch))
     progress.close()
     state.wait_for_everyone()

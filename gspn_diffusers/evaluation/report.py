@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from .files import write_text_atomically
 
 RESULTS_NAME = "results.json"
 RESULTS_FORMAT = "gspn-diffusers-evaluation"
@@ -37,9 +38,7 @@ def library_versions() -> dict[str, str | None]:
 
 def write_results(results: dict[str, Any], output_dir: str | Path) -> Path:
     path = Path(output_dir) / RESULTS_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(results, indent=2) + "\n")
     return path
 
 

@@ -127,8 +127,31 @@ def compute_metrics(
     return {"fid": float(fid_metric.compute()), "clip_t": clip_t.compute()}
 
 
-def _native_size(pipe: DiffusionPipeline) -> int:
-    return get_unet(pipe).config.sample_size * pipe.vae_scale_factor
+def _generation_settings(
+    pipe: DiffusionPipeline, config: EvaluationConfig, model_name: str | None, gspn_weights: str | None
+) -> dict[str, Any]:
+    """Everything that determines the generated pixels: a resumed run must match it exactly."""
+    unet = get_unet(pipe)
+    native = unet.config.sample_size * pipe.vae_scale_factor
+    height, width = config.height or native, config.width or native
+    if height % 8 or width % 8:
+        raise ValueError(f"Height and width must be multiples of 8, got {height}x{width}.")
+    gspn = is_converted(unet)
+    return {
+        "model": model_name or pipe.name_or_path or type(pipe).__name__,
+        "pipeline": type(pipe).__name__,
+        "dtype": str(unet.dtype).removeprefix("torch."),
+        "gspn_weights": gspn_weights,
+        "original": not gspn,
+        "gspn_config": gspn_config_of(unet).to_dict() if gspn else None,
+        "captions_file": Path(config.annotation_file).name,
+        "seed": config.seed,
+        "height": height,
+        "width": width,
+        "steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+        "negative_prompt": config.negative_prompt,
+    }
 
 
 def evaluate(
@@ -158,26 +181,8 @@ def evaluate(
         clip_file = clip_checkpoint(config.clip_model, config.clip_pretrained) if clip is None else None
     if not isinstance(pipe, DiffusionPipeline):
         pipe = pipe()
-    height, width = config.height or _native_size(pipe), config.width or _native_size(pipe)
-    if height % 8 or width % 8:
-        raise ValueError(f"Height and width must be multiples of 8, got {height}x{width}.")
-    unet = get_unet(pipe)
-    gspn = is_converted(unet)
-    settings = {
-        "model": model_name or pipe.name_or_path or type(pipe).__name__,
-        "pipeline": type(pipe).__name__,
-        "dtype": str(unet.dtype).removeprefix("torch."),
-        "gspn_weights": gspn_weights,
-        "original": not gspn,
-        "gspn_config": gspn_config_of(unet).to_dict() if gspn else None,
-        "captions_file": Path(config.annotation_file).name,
-        "seed": config.seed,
-        "height": height,
-        "width": width,
-        "steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale,
-        "negative_prompt": config.negative_prompt,
-    }
+    settings = _generation_settings(pipe, config, model_name, gspn_weights)
+    height, width = settings["height"], settings["width"]
     image_dir = Path(config.output_dir) / IMAGES_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
@@ -199,7 +204,7 @@ def evaluate(
         state=state,
     )
     generation_s = time.perf_counter() - start
-    del pipe, unet
+    del pipe
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
