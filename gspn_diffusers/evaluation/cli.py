@@ -41,6 +41,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     def load():
         pipe = load_pipeline(args.model, args.tiny, str(state.device), args.dtype)
+        if args.disable_safety_checker and hasattr(pipe, "safety_checker"):
+            pipe.safety_checker = None
         return pipe if args.gspn_weights is None else load_gspn(pipe, args.gspn_weights)
 
     extractor = clip = None
@@ -101,6 +103,9 @@ def add_evaluate_parser(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=50, help="Denoising steps.")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument(
+        "--disable-safety-checker", action="store_true", help="SD-1.5's checker blacks out flagged images (recorded)."
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="Images per pipeline call on each process.")
     parser.add_argument("--metric-batch-size", type=int, default=32, help="Images per metric batch.")
     parser.add_argument("--num-workers", type=int, default=4, help="Image loading workers for the metrics.")

@@ -83,7 +83,10 @@ def generate_images(
     """Generate the PNGs of ``records`` that ``image_dir`` lacks, this process's share of them; returns the count.
 
     Call it on every process of a distributed run (``accelerate launch``): the processes list the
-    missing images, wait for each other, then split that list evenly.
+    missing images, wait for each other, then split that list evenly. Initial noise comes from a CPU
+    generator seeded with the record's seed, so an image is the same (up to float rounding) on any
+    device and in any batch. The pipeline's per-step progress bar is turned off (one bar over the
+    images instead).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
@@ -101,7 +104,7 @@ def generate_images(
             len(records) - len(todo),
             state.num_processes,
         )
-    pipe.set_progress_bar_config(disable=True)  # one bar over images, not one per image
+    pipe.set_progress_bar_config(disable=True)
     progress = tqdm(total=len(share), desc="generating", unit="img", disable=not state.is_local_main_process)
     for start in range(0, len(share), batch_size):
         batch = share[start : start + batch_size]

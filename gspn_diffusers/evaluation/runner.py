@@ -137,6 +137,12 @@ def _generation_settings(
     if height % 8 or width % 8:
         raise ValueError(f"Height and width must be multiples of 8, got {height}x{width}.")
     gspn = is_converted(unet)
+    safety_checker = getattr(pipe, "safety_checker", None) is not None
+    if safety_checker:
+        logger.warning(
+            "The pipeline's safety checker is on: it blacks out flagged images, which shifts FID and CLIP-T. Set "
+            "pipe.safety_checker = None (--disable-safety-checker) to turn it off."
+        )
     return {
         "model": model_name or pipe.name_or_path or type(pipe).__name__,
         "pipeline": type(pipe).__name__,
@@ -151,6 +157,7 @@ def _generation_settings(
         "steps": config.num_inference_steps,
         "guidance_scale": config.guidance_scale,
         "negative_prompt": config.negative_prompt,
+        "safety_checker": safety_checker,
     }
 
 
