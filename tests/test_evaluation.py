@@ -325,3 +325,30 @@ def test_cli_smoke_run_and_errors(coco, tmp_path, caplog, capsys):
     caplog.clear()
     assert main(["evaluate", "--compare", str(run), str(tmp_path / "missing")]) == 2
     assert "No evaluation results" in caplog.text
+
+
+def test_clip_weights_load_from_a_local_file(tmp_path):
+    """The offline route for real CLIP weights (--clip-pretrained FILE), on a tiny registered open_clip config."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from gspn_diffusers.evaluation import load_clip
+
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp_path / "gspn-test-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "gspn-test-tiny-clip.json")
+    torch.manual_seed(1)
+    source = open_clip.create_model("gspn-test-tiny-clip")
+    weights = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, weights)
+
+    clip = load_clip("gspn-test-tiny-clip", str(weights))
+    assert (clip.name, clip.pretrained) == ("gspn-test-tiny-clip", str(weights))
+    tokens = clip.tokenizer(["a red bus"])
+    with torch.no_grad():
+        torch.testing.assert_close(clip.model.encode_text(tokens), source.eval().encode_text(tokens))
+    assert clip.preprocess(_photo(50, 40, 0)).shape == (3, 32, 32)
