@@ -240,6 +240,7 @@ def _never_load():
         ),
         (lambda ann, img: shutil.rmtree(img), FileNotFoundError, "folder .* does not exist"),
         (lambda ann, img: [p.unlink() for p in list(img.iterdir())[:2]], FileNotFoundError, "of the 4 selected"),
+        (lambda ann, img: [p.write_bytes(b"<html>") for p in img.iterdir()], ValueError, "cannot be read as an image"),
     ],
 )
 def test_bad_inputs_fail_before_loading_the_pipeline(coco, tmp_path, break_input, error, message):
