@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def inception_weights(path: str | Path | None = None) -> Path:
     )
     if _offline():
         raise FileNotFoundError(hint + " (HF_HUB_OFFLINE is set, so no download was tried.)")
+    logger.info("Downloading the Inception-v3 FID weights to %s", cached)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(INCEPTION_URL, str(cached))
@@ -66,14 +68,14 @@ def inception_weights(path: str | Path | None = None) -> Path:
     return cached
 
 
-def build_fid(feature_extractor: nn.Module | None = None, weights: str | Path | None = None):
+def build_fid(
+    feature_extractor: nn.Module | None = None, weights: str | Path | None = None
+) -> FrechetInceptionDistance:
     """A torchmetrics ``FrechetInceptionDistance`` on uint8 ``(N, 3, H, W)`` images.
 
     ``feature_extractor`` replaces Inception (it receives the uint8 images and returns ``(N, d)``
     features); otherwise the standard FID Inception with the weights of :func:`inception_weights`.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     if feature_extractor is not None:
         return FrechetInceptionDistance(feature=feature_extractor, normalize=False)
     return FrechetInceptionDistance(
