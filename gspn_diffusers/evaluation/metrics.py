@@ -12,11 +12,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
+
+if TYPE_CHECKING:  # torchmetrics takes a second to import: only when a metric is built
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ def build_fid(
     ``feature_extractor`` replaces Inception (it receives the uint8 images and returns ``(N, d)``
     features); otherwise the standard FID Inception with the weights of :func:`inception_weights`.
     """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     if feature_extractor is not None:
         return FrechetInceptionDistance(feature=feature_extractor, normalize=False)
     return FrechetInceptionDistance(
