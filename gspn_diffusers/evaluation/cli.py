@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from ..loading import load_pipeline
 from ..serialization import load_gspn
@@ -108,7 +109,9 @@ def add_evaluate_parser(subparsers) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=1, help="Images per pipeline call on each process.")
     parser.add_argument("--metric-batch-size", type=int, default=32, help="Images per metric batch.")
-    parser.add_argument("--num-workers", type=int, default=4, help="Image loading workers for the metrics.")
+    parser.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="Image loading workers for the metrics."
+    )
     parser.add_argument("--fid-weights", default=None, help="Inception FID weights file (default: torch hub cache).")
     parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="open_clip model name.")
     parser.add_argument(

@@ -123,16 +123,17 @@ def clip_checkpoint(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str = DEFA
     except (OSError, RuntimeError) as error:
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        source = (
-            f"the Hugging Face repository {config['hf_hub'].rstrip('/')} (open_clip_model.safetensors or "
-            f"open_clip_pytorch_model.bin) in the cache {HF_HUB_CACHE}"
-            if config.get("hf_hub")
-            else f"{config.get('url')} in the open_clip cache ~/.cache/clip"
-        )
+        if config.get("hf_hub"):
+            repo, filename = os.path.split(config["hf_hub"])
+            source = (
+                f"run `huggingface-cli download {repo} {filename or 'open_clip_pytorch_model.bin'}` on a machine with "
+                f"internet and copy the Hugging Face cache to {HF_HUB_CACHE}"
+            )
+        else:
+            source = f"download {config.get('url')} into the open_clip cache ~/.cache/clip"
         raise FileNotFoundError(
-            f"The open_clip weights {model_name}/{pretrained} are not available offline: put {source} (e.g. "
-            "`huggingface-cli download <repo> open_clip_model.safetensors` on a machine with internet), or pass the "
-            f"file with --clip-pretrained PATH. ({error})"
+            f"The open_clip weights {model_name}/{pretrained} are not available offline: {source}, or pass the "
+            f"weights file with --clip-pretrained PATH. ({error})"
         ) from error
 
 
