@@ -197,10 +197,26 @@ def test_end_to_end_run_resumes_without_regenerating(coco, tmp_path):
     assert {n: (image_dir / n).stat().st_mtime_ns for n in pngs if n != "000001.png"} == {
         n: t for n, t in mtimes.items() if n != "000001.png"
     }
+    assert not list(image_dir.glob(".*.tmp"))
 
-    with pytest.raises(ValueError, match="other settings.*steps"):
+    # More captions with the same seed extend the selection: only the new image is generated.
+    more = evaluate(
+        pipe,
+        _config(coco, tmp_path / "run", num_captions=5),
+        model_name="tiny-sd15",
+        fid_feature_extractor=extractor,
+        clip=clip,
+    )
+    assert calls[0] == 4 + 2 + 2 and more["settings"]["num_captions"] == 5
+    assert len(read_manifest(image_dir)) == 5 and (image_dir / "000004.png").is_file()
+
+    with pytest.raises(ValueError, match=r"other settings \(steps: 2 -> 3\)"):
         evaluate(
-            pipe, _config(coco, tmp_path / "run", num_inference_steps=3), fid_feature_extractor=extractor, clip=clip
+            pipe,
+            _config(coco, tmp_path / "run", num_inference_steps=3),
+            model_name="tiny-sd15",
+            fid_feature_extractor=extractor,
+            clip=clip,
         )
 
 
