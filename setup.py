@@ -26,6 +26,8 @@ setup(
         "accelerate>=1.0",
         "safetensors>=0.4",
         "open_clip_torch>=2.26",
+        "torchmetrics>=1.4",
+        "torch-fidelity>=0.3",
         "numpy",
         "pillow",
         "tqdm",

@@ -17,6 +17,7 @@ import torch
 from .config import PRESETS, GSPNConfig
 from .convert import convert, detect_preset, get_unet, gspn_parameters
 from .distill.cli import add_distill_parser
+from .evaluation.cli import add_evaluate_parser
 from .loading import DTYPES, default_device, load_pipeline
 from .serialization import load_gspn, save_gspn
 from .tiny import TINY_KINDS
@@ -28,9 +29,9 @@ def _optional_int(value: str) -> int | None:
     return None if value.lower() in ("none", "global") else int(value)
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The flags that say which pipeline to load, shared by every subcommand."""
-    source = parser.add_mutually_exclusive_group(required=True)
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags that say which pipeline to load, shared by every subcommand (optional where it has other modes)."""
+    source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--model", help="Hub name or local Diffusers folder (SD-1.5, SD-2 or SD-XL family).")
     source.add_argument("--tiny", choices=TINY_KINDS, help="A built-in tiny random model: runs offline in seconds.")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(subparsers)
     add_generate_parser(subparsers)
     add_distill_parser(subparsers)
+    add_evaluate_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""Sharded, resumable generation of the evaluation images.
+
+Each process of an ``accelerate launch`` (or the single process of a plain run) takes an even share
+of the images that are not written yet; an image is written to a hidden temporary file and renamed,
+so a killed run never leaves a truncated PNG and the next run picks up where it stopped. Every image
+has its own seed (its own generator), so the pixels do not depend on the batch size or the number of
+processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from .coco import CaptionRecord
+from .files import save_png_atomically, write_text_atomically
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.jsonl"
+SETTINGS_NAME = "generation.json"
+
+
+def write_manifest(image_dir: Path, records: Sequence[CaptionRecord]) -> Path:
+    """One JSON line per image: index (the PNG name), COCO image id, caption id, file name, caption, seed."""
+    path = image_dir / MANIFEST_NAME
+    write_text_atomically(path, "".join(json.dumps(record.to_dict()) + "\n" for record in records))
+    return path
+
+
+def read_manifest(image_dir: str | Path) -> list[CaptionRecord]:
+    path = Path(image_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; it is written by the generation step of `evaluate`.")
+    return [CaptionRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_settings(image_dir: Path, settings: dict[str, Any], write: bool = True) -> None:
+    """Refuse to resume into a folder whose images were made with other settings (mixing them is silent garbage).
+
+    The first run records ``settings`` in ``generation.json`` (when ``write``: the main process);
+    later runs must match it.
+    """
+    path = image_dir / SETTINGS_NAME
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        settings = json.loads(json.dumps(settings))  # compare as stored (tuples become lists)
+        changed = {key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key)}
+        if changed:
+            details = ", ".join(f"{key}: {previous.get(key)!r} -> {settings.get(key)!r}" for key in sorted(changed))
+            raise ValueError(
+                f"{image_dir} holds images generated with other settings ({details}); use another output folder, "
+                "or delete that folder to start over."
+            )
+    elif write:
+        write_text_atomically(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def pending_records(records: Sequence[CaptionRecord], image_dir: Path) -> list[CaptionRecord]:
+    return [record for record in records if not (image_dir / record.png_name).is_file()]
+
+
+def generate_images(
+    pipe: Any,
+    records: Sequence[CaptionRecord],
+    image_dir: str | Path,
+    *,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    batch_size: int = 1,
+    negative_prompt: str | None = None,
+    state: PartialState | None = None,
+) -> int:
+    """Generate the PNGs of ``records`` that ``image_dir`` lacks, this process's share of them; returns the count.
+
+    Call it on every process of a distributed run (``accelerate launch``): the processes list the
+    missing images, wait for each other, then split that list evenly. Initial noise comes from a CPU
+    generator seeded with the record's seed, so an image is the same (up to float rounding) on any
+    device and in any batch. The pipeline's per-step progress bar is turned off (one bar over the
+    images instead).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    state = state or PartialState()
+    image_dir = Path(image_dir)
+    todo = pending_records(records, image_dir)
+    state.wait_for_everyone()  # nobody writes before every process has listed what is missing
+    with state.split_between_processes(todo) as share:
+        share = list(share)
+    if state.is_main_process:
+        logger.info(
+            "%d of %d images to generate (%d already written), split over %d processes",
+            len(todo),
+            len(records),
+            len(records) - len(todo),
+            state.num_processes,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    progress = tqdm(total=len(share), desc="generating", unit="img", disable=not state.is_local_main_process)
+    for start in range(0, len(share), batch_size):
+        batch = share[start : start + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(record.seed) for record in batch]
+        images = pipe(
+            prompt=[record.caption for record in batch],
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch),
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+        ).images
+        for record, image in zip(batch, images, strict=True):
+            save_png_atomically(image, image_dir / record.png_name)
+        progress.update(len(batch))
+    progress.close()
+    state.wait_for_everyone()
+    return len(share)
