@@ -118,7 +118,14 @@ class DemoFusionMixin:
         return plan_stage_sizes(height, width, self.native_size, self.vae_scale_factor)
 
     def check_hires_inputs(
-        self, height: int, width: int, strength: float, local_denoising: str, view_batch_size: int, stride: int
+        self,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        strength: float,
+        local_denoising: str,
+        view_batch_size: int,
+        stride: int,
     ) -> None:
         factor = self.vae_scale_factor
         if height % factor or width % factor:
@@ -135,6 +142,10 @@ class DemoFusionMixin:
             raise ValueError(
                 f"strength must be in (0, 1] (skip_ratio = 1 - strength in [0, 1)); got strength={strength}."
             )
+        if _kept_steps(num_inference_steps, strength) < 1:
+            raise ValueError(
+                f"strength={strength} keeps no step of {num_inference_steps}; raise num_inference_steps or strength."
+            )
         if local_denoising not in LOCAL_MODES:
             raise ValueError(f"local_denoising must be one of {', '.join(LOCAL_MODES)}; got {local_denoising!r}.")
         if view_batch_size < 1:
@@ -146,11 +157,7 @@ class DemoFusionMixin:
     def stage_timesteps(self, num_inference_steps: int, strength: float, device: torch.device) -> torch.Tensor:
         """The timesteps left after skipping the first ``1 - strength`` of the schedule (as Diffusers' img2img)."""
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        kept = min(int(num_inference_steps * strength), num_inference_steps)
-        if kept == 0:
-            raise ValueError(
-                f"strength={strength} keeps no step of {num_inference_steps}; raise num_inference_steps or strength."
-            )
+        kept = _kept_steps(num_inference_steps, strength)
         start = (num_inference_steps - kept) * self.scheduler.order
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
@@ -404,7 +411,7 @@ class DemoFusionMixin:
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
 
         # 1. Check inputs
-        self.check_hires_inputs(height, width, strength, local_denoising, view_batch_size, stride)
+        self.check_hires_inputs(height, width, num_inference_steps, strength, local_denoising, view_batch_size, stride)
         if set(tensor_inputs) - {"latents"}:
             raise ValueError("The high-resolution pipeline passes only 'latents' to callback_on_step_end.")
         sizes = self.plan_stages(height, width)
@@ -488,6 +495,11 @@ class DemoFusionMixin:
         if not return_dict:
             return images, stage_outputs
         return DemoFusionPipelineOutput(images=images, stage_images=stage_outputs)
+
+
+def _kept_steps(num_inference_steps: int, strength: float) -> int:
+    """Diffusers' ``int(steps * strength)``, robust to ``1 - 0.8 = 0.19999...`` (10 steps at skip 0.8 keep 2)."""
+    return min(int(num_inference_steps * strength + 1e-6), num_inference_steps)
 
 
 def _free_memory(device: torch.device) -> None:
