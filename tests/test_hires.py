@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+from PIL import Image
 
 import gspn_diffusers
+from gspn_diffusers.cli import main
 from gspn_diffusers.pipelines import GSPNDemoFusionPipeline, GSPNDemoFusionSDXLPipeline
 from gspn_diffusers.pipelines.stages import gaussian_blur, get_views, plan_stage_sizes
 from gspn_diffusers.tiny import tiny_pipeline
@@ -265,3 +268,25 @@ def test_bad_inputs_raise_clear_errors(kwargs, message):
     kwargs = {"height": 256, "width": 256, **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         pipe(PROMPT, output_type="latent", **kwargs)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize("kind,original", [("sd15", True), ("sdxl", False)])
+def test_cli_generate_above_native_size_uses_the_hires_pipeline(tmp_path, caplog, kind, original):
+    caplog.set_level(logging.INFO)
+    output = tmp_path / "big.png"
+    args = ["generate", "--tiny", kind, "--prompt", "x", "--height", "128", "--width", "256", "--steps", "3"]
+    args += ["--skip-ratio", "0.5", "--save-stages", "--output", str(output)]
+    assert main(args + (["--original"] if original else [])) == 0
+    assert f"using {HIRES[kind].__name__}" in caplog.text
+    assert Image.open(output).size == (256, 128)
+    assert Image.open(tmp_path / "big_stage0.png").size == (128, 64)
+    assert Image.open(tmp_path / "big_stage1.png").size == (256, 128)
+
+
+def test_cli_reports_bad_high_resolution_input(tmp_path, caplog):
+    args = ["generate", "--tiny", "sd15", "--original", "--prompt", "x", "--height", "128", "--width", "256"]
+    assert main(args + ["--skip-ratio", "1.0", "--output", str(tmp_path / "x.png")]) == 2
+    assert "strength must be in (0, 1]" in caplog.text

@@ -101,6 +101,17 @@ class DemoFusionMixin:
         of ``height x width`` pixels."""
         raise NotImplementedError
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """Diffusers' ``from_pipe`` (same components, no copy), keeping the source pipeline's dtype.
+
+        Diffusers casts to float32 unless ``torch_dtype`` is given, which would also upcast the
+        shared components of the fp16/bf16 pipeline it was built from.
+        """
+        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
+            kwargs["torch_dtype"] = pipeline.dtype
+        return super().from_pipe(pipeline, **kwargs)
+
     # ------------------------------------------------------------------ sizes and checks
     @property
     def window(self) -> int:
