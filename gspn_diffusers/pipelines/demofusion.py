@@ -64,7 +64,7 @@ class DemoFusionPipelineOutput(BaseOutput):
 
 
 @dataclass
-class _Conditioning:
+class TextConditioning:
     """Text conditioning of one CFG branch: token embeddings and, for SD-XL, the pooled embedding."""
 
     embeds: torch.Tensor
@@ -72,7 +72,9 @@ class _Conditioning:
 
 
 @dataclass
-class _StageSettings:
+class StageSettings:
+    """The per-stage options of ``__call__`` (see its docstring), resolved to concrete values."""
+
     guidance_scale: float
     local_denoising: str
     view_batch_size: int
@@ -93,10 +95,10 @@ class DemoFusionMixin:
 
     def _encode_conditioning(
         self, prompt, negative_prompt, device: torch.device, num_images_per_prompt: int, do_cfg: bool
-    ) -> tuple[_Conditioning | None, _Conditioning]:
+    ) -> tuple[TextConditioning | None, TextConditioning]:
         raise NotImplementedError
 
-    def _unet_kwargs(self, conds: list[_Conditioning], repeat: int, height: int, width: int) -> dict[str, Any]:
+    def _unet_kwargs(self, conds: list[TextConditioning], repeat: int, height: int, width: int) -> dict[str, Any]:
         """UNet keyword arguments for the branches ``conds`` (concatenated), each repeated for ``repeat`` views
         of ``height x width`` pixels."""
         raise NotImplementedError
@@ -179,9 +181,9 @@ class DemoFusionMixin:
         self,
         latents: torch.Tensor,
         t: torch.Tensor,
-        uncond: _Conditioning | None,
-        cond: _Conditioning,
-        settings: _StageSettings,
+        uncond: TextConditioning | None,
+        cond: TextConditioning,
+        settings: StageSettings,
     ) -> torch.Tensor:
         """Classifier-free-guided noise prediction for ``latents`` holding ``n_views * batch`` samples (view-major).
 
@@ -189,11 +191,12 @@ class DemoFusionMixin:
         unconditional and conditional halves run as two UNet calls, halving the activations.
         """
         height, width = latents.shape[-2:]
-        self._set_forward_chunking(settings.forward_chunking, height, width)
+        if settings.forward_chunking:
+            chunk_feed_forward(self.unet, height, width)
         repeat = latents.shape[0] // cond.embeds.shape[0]
         factor = self.vae_scale_factor
 
-        def unet(conds: list[_Conditioning]) -> torch.Tensor:
+        def unet(conds: list[TextConditioning]) -> torch.Tensor:
             kwargs = self._unet_kwargs(conds, repeat, height * factor, width * factor)
             return self.unet(latents.repeat(len(conds), 1, 1, 1), t, return_dict=False, **kwargs)[0]
 
@@ -204,28 +207,6 @@ class DemoFusionMixin:
         else:
             noise_uncond, noise_text = unet([uncond, cond]).chunk(2)
         return noise_uncond + settings.guidance_scale * (noise_text - noise_uncond)
-
-    def _set_forward_chunking(self, enabled: bool, height: int, width: int) -> None:
-        """Chunk every transformer feed-forward over tokens for a ``height x width`` UNet input.
-
-        Diffusers' chunk size must divide the token count, which differs per UNet level, so each
-        block gets its own: its level's tokens split in up to 16 equal parts.
-        """
-        if not enabled:
-            return
-        num_levels = len(self.unet.config.block_out_channels)
-        for name, module in self.unet.named_modules():
-            if not hasattr(module, "set_chunk_feed_forward"):
-                continue
-            level = _block_level(name, num_levels)
-            tokens = _level_size(height, level) * _level_size(width, level)
-            chunks = next(p for p in (16, 8, 4, 2, 1) if tokens % p == 0)
-            module.set_chunk_feed_forward(tokens // chunks, dim=1)
-
-    def _disable_forward_chunking(self) -> None:
-        for module in self.unet.modules():
-            if hasattr(module, "set_chunk_feed_forward"):
-                module.set_chunk_feed_forward(None, 0)
 
     def _local_noise(self, latents, t, uncond, cond, settings, generator) -> torch.Tensor:
         """Local branch: the whole latent at once, or the average over overlapping native windows."""
@@ -279,9 +260,9 @@ class DemoFusionMixin:
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
-        uncond: _Conditioning | None,
-        cond: _Conditioning,
-        settings: _StageSettings,
+        uncond: TextConditioning | None,
+        cond: TextConditioning,
+        settings: StageSettings,
         generator: torch.Generator | list[torch.Generator] | None,
         extra_step_kwargs: dict[str, Any],
         callback_on_step_end: Callable | None = None,
@@ -299,7 +280,7 @@ class DemoFusionMixin:
                 f"{latents.shape[-2] * self.vae_scale_factor}"
             )
             for i, t in enumerate(timesteps):
-                if self.interrupt:
+                if getattr(self, "_interrupt", False):  # set by callbacks through pipe._interrupt
                     continue
                 c1 = cosine_weight(cosine_factor(t, num_train), settings.cosine_scale_1)
                 if c1 > 0:
@@ -466,7 +447,7 @@ class DemoFusionMixin:
             for stage, (stage_h, stage_w) in enumerate(sizes[1:], start=1):
                 self.hires_stage = stage
                 latent_h, latent_w = stage_h // self.vae_scale_factor, stage_w // self.vae_scale_factor
-                settings = _StageSettings(
+                settings = StageSettings(
                     guidance_scale=guidance_scale,
                     local_denoising=local_denoising,
                     view_batch_size=view_batch_size,
@@ -496,7 +477,7 @@ class DemoFusionMixin:
                 _free_memory(device)
         finally:
             if forward_chunking:
-                self._disable_forward_chunking()
+                chunk_feed_forward(self.unet, None)
 
         # 5. Decode
         images = self._to_output(latents, output_type, tiled_vae)
@@ -518,6 +499,25 @@ def _free_memory(device: torch.device) -> None:
     if device.type != "cpu":
         gc.collect()
         empty_device_cache(device.type)
+
+
+def chunk_feed_forward(unet: torch.nn.Module, height: int | None, width: int | None = None) -> None:
+    """Chunk every transformer feed-forward over tokens for a ``height x width`` UNet input (``None``: off).
+
+    Diffusers' chunk size must divide the token count, which differs per UNet level, so each
+    block gets its own: its level's tokens split in up to 16 equal parts.
+    """
+    num_levels = len(unet.config.block_out_channels)
+    for name, module in unet.named_modules():
+        if not hasattr(module, "set_chunk_feed_forward"):
+            continue
+        if height is None:
+            module.set_chunk_feed_forward(None, 0)
+            continue
+        level = _block_level(name, num_levels)
+        tokens = _level_size(height, level) * _level_size(width, level)
+        chunks = next(p for p in (16, 8, 4, 2, 1) if tokens % p == 0)
+        module.set_chunk_feed_forward(tokens // chunks, dim=1)
 
 
 def _block_level(name: str, num_levels: int) -> int:
@@ -545,7 +545,7 @@ class GSPNDemoFusionPipeline(DemoFusionMixin, StableDiffusionPipeline):
 
     def _encode_conditioning(self, prompt, negative_prompt, device, num_images_per_prompt, do_cfg):
         embeds, negative = self.encode_prompt(prompt, device, num_images_per_prompt, do_cfg, negative_prompt)
-        return (_Conditioning(negative) if do_cfg else None), _Conditioning(embeds)
+        return (TextConditioning(negative) if do_cfg else None), TextConditioning(embeds)
 
     def _unet_kwargs(self, conds, repeat, height, width):
         return {"encoder_hidden_states": torch.cat([c.embeds.repeat(repeat, 1, 1) for c in conds])}
@@ -566,7 +566,7 @@ class GSPNDemoFusionSDXLPipeline(DemoFusionMixin, StableDiffusionXLPipeline):
             do_classifier_free_guidance=do_cfg,
             negative_prompt=negative_prompt,
         )
-        return (_Conditioning(negative, negative_pooled) if do_cfg else None), _Conditioning(embeds, pooled)
+        return (TextConditioning(negative, negative_pooled) if do_cfg else None), TextConditioning(embeds, pooled)
 
     def _unet_kwargs(self, conds, repeat, height, width):
         embeds = conds[0].embeds
