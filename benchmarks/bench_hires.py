@@ -4,8 +4,9 @@
         --attention gspn original --out benchmarks/results
 
 For every size (WxH) and attention it runs ``--steps`` denoising steps of an upscaling stage of
-:class:`GSPNDemoFusionSDXLPipeline` (skip residual, local branch, dilated sampling; GSPN on the
-whole latent, the original attention on DemoFusion's windows, or as ``--local-denoising`` says)
+:class:`GSPNDemoFusionSDXLPipeline` (skip residual, local branch, dilated sampling; ``--local-denoising
+auto`` as in the pipeline: GSPN on the whole latent up to 64x the native area, DemoFusion's windows
+above that and for the original attention)
 and a tiled VAE decode at that size, and records seconds and ``torch.cuda.max_memory_allocated``.
 No download is needed: the UNet and VAE are SD-XL's architectures with random weights and the
 text conditioning is random (speed and memory do not depend on the weights). Writes
@@ -24,10 +25,11 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-from gspn_diffusers import convert
+from gspn_diffusers import convert, is_converted
 from gspn_diffusers.pipelines import GSPNDemoFusionSDXLPipeline
 from gspn_diffusers.pipelines.demofusion import StageSettings, TextConditioning, chunk_feed_forward
 from gspn_diffusers.pipelines.memory import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+from gspn_diffusers.pipelines.stages import resolve_local_denoising
 
 GIB = 2**30
 
@@ -85,6 +87,8 @@ def bench_size(pipe, height: int, width: int, args, local_denoising: str) -> dic
     )
     cond = TextConditioning(torch.randn_like(uncond.embeds), torch.randn_like(uncond.pooled))
     native_area = pipe.window**2
+    area = latents.shape[-2] * latents.shape[-1]
+    local_denoising = resolve_local_denoising(local_denoising, is_converted(pipe.unet), area, native_area)
     settings = StageSettings(
         guidance_scale=5.0,
         local_denoising=local_denoising,
@@ -169,12 +173,10 @@ def main() -> None:
     rows = []
     for attention in args.attention:
         pipe = random_sdxl_pipeline(attention, getattr(torch, args.dtype))
-        local = (
-            args.local_denoising if args.local_denoising != "auto" else ("full" if attention == "gspn" else "views")
-        )
-        bench_size(pipe, 1024, 1024, argparse.Namespace(**{**vars(args), "steps": 1}), local)  # warm-up
+        warm_up = argparse.Namespace(**{**vars(args), "steps": 1})
+        bench_size(pipe, 1024, 1024, warm_up, args.local_denoising)
         for height, width in args.sizes:
-            row = {"attention": attention, **bench_size(pipe, height, width, args, local)}
+            row = {"attention": attention, **bench_size(pipe, height, width, args, args.local_denoising)}
             rows.append(row)
             print(json.dumps(row), flush=True)
         del pipe

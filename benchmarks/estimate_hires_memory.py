@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     runs = {
+        "gspn_auto": dict(gspn=True, local_denoising="auto"),
         "gspn_full": dict(gspn=True, local_denoising="full"),
         "gspn_views": dict(gspn=True, local_denoising="views"),
         "original_views": dict(gspn=False, local_denoising="views"),

@@ -14,7 +14,8 @@ from PIL import Image
 import gspn_diffusers
 from gspn_diffusers.cli import main
 from gspn_diffusers.pipelines import GSPNDemoFusionPipeline, GSPNDemoFusionSDXLPipeline
-from gspn_diffusers.pipelines.stages import gaussian_blur, get_views, plan_stage_sizes
+from gspn_diffusers.pipelines.memory import peak_activation_bytes
+from gspn_diffusers.pipelines.stages import gaussian_blur, get_views, plan_stage_sizes, resolve_local_denoising
 from gspn_diffusers.tiny import tiny_pipeline
 
 HIRES = {"sd15": GSPNDemoFusionPipeline, "sdxl": GSPNDemoFusionSDXLPipeline}
@@ -290,3 +291,30 @@ def test_cli_reports_bad_high_resolution_input(tmp_path, caplog):
     args = ["generate", "--tiny", "sd15", "--original", "--prompt", "x", "--height", "128", "--width", "256"]
     assert main(args + ["--skip-ratio", "1.0", "--output", str(tmp_path / "x.png")]) == 2
     assert "strength must be in (0, 1]" in caplog.text
+
+
+# ----------------------------------------------------------------------------- memory estimate
+
+
+def test_meta_trace_counts_the_peak_of_live_intermediates():
+    with torch.device("meta"):
+        mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+        x = torch.empty(8, 64)
+    # Linear out (8x256 fp32) and GELU out alive together; the 8x64 result comes after the first is freed.
+    assert peak_activation_bytes(mlp, mlp, x) == 2 * 8 * 256 * 4
+
+
+def test_meta_trace_counts_sdpa_as_a_fused_kernel():
+    with torch.device("meta"):
+        attention = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+        tokens = torch.empty(1, 4096, 64)
+    peak = peak_activation_bytes(attention, lambda x: attention(x, x, x, need_weights=False)[0], tokens)
+    assert peak < 4096 * 4096 * 4 / 8  # far below one N x N score matrix: linear in tokens
+
+
+def test_auto_local_denoising_uses_the_whole_latent_only_with_gspn_and_within_the_memory_limit():
+    native = 128 * 128
+    assert resolve_local_denoising("auto", True, 1024 * 512, native) == "full"  # SD-XL 8192x4096
+    assert resolve_local_denoising("auto", True, 2048 * 1024, native) == "views"  # SD-XL 16384x8192
+    assert resolve_local_denoising("auto", False, 256 * 256, native) == "views"
+    assert resolve_local_denoising("full", True, 2048 * 1024, native) == "full"

@@ -48,6 +48,7 @@ from .stages import (
     gaussian_blur,
     get_views,
     plan_stage_sizes,
+    resolve_local_denoising,
 )
 
 logger = logging.getLogger(__name__)
@@ -372,7 +373,8 @@ class DemoFusionMixin:
             strength: ``1 - skip_ratio``, in (0, 1]; give one of the two.
             local_denoising: ``"views"`` (DemoFusion's overlapping native-size windows), ``"full"``
                 (the UNet on the whole latent: affordable with GSPN, linear in tokens), or ``"auto"``
-                (``"full"`` for a GSPN-converted UNet, ``"views"`` for the original attention).
+                (``"full"`` for a GSPN-converted UNet up to 64x the native latent area, e.g. 8192x4096
+                for SD-XL, ``"views"`` above that and for the original attention).
             view_batch_size: windows (and dilated sub-latents) per UNet call (DemoFusion's default 16).
             stride: step between local windows in latent pixels (default: half the native window,
                 DemoFusion's 64 for SD-XL).
@@ -398,8 +400,6 @@ class DemoFusionMixin:
         strength = 1.0 - (0.6 if skip_ratio is None else skip_ratio) if strength is None else strength
         stride = stride or self.window // 2
         converted = is_converted(self.unet)
-        if local_denoising == "auto":
-            local_denoising = "full" if converted else "views"
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
 
         # 1. Check inputs
@@ -449,7 +449,9 @@ class DemoFusionMixin:
                 latent_h, latent_w = stage_h // self.vae_scale_factor, stage_w // self.vae_scale_factor
                 settings = StageSettings(
                     guidance_scale=guidance_scale,
-                    local_denoising=local_denoising,
+                    local_denoising=resolve_local_denoising(
+                        local_denoising, converted, latent_h * latent_w, native_area
+                    ),
                     view_batch_size=view_batch_size,
                     stride=stride,
                     cosine_scale_1=cosine_scale_1,

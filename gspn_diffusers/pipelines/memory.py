@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..convert import convert
 from .demofusion import chunk_feed_forward
-from .stages import dilation_factor, plan_stage_sizes
+from .stages import dilation_factor, plan_stage_sizes, resolve_local_denoising
 
 # SD-XL base 1.0's UNet and VAE configurations (stabilityai/stable-diffusion-xl-base-1.0), for random-weight models.
 SDXL_UNET_CONFIG = dict(
@@ -183,7 +183,7 @@ def estimate_hires_memory(
     height: int = 8192,
     width: int = 16384,
     gspn: bool = True,
-    local_denoising: str | None = None,
+    local_denoising: str = "auto",
     view_batch_size: int = 16,
     split_cfg: bool | None = None,
     forward_chunking: bool = True,
@@ -197,7 +197,6 @@ def estimate_hires_memory(
     includes the tiled VAE decode of the final image. See the module docstring for the method.
     """
     unet, vae = meta_sdxl(gspn, dtype)
-    local_denoising = local_denoising or ("full" if gspn else "views")
     itemsize = torch.empty((), dtype=dtype).element_size()
     window = SDXL_UNET_CONFIG["sample_size"]
     native_area = window * window
@@ -225,7 +224,8 @@ def estimate_hires_memory(
         latent_h, latent_w = stage_h // 8, stage_w // 8
         split = split_cfg if split_cfg is not None else (k > 0 and latent_h * latent_w > 4 * native_area)
         cfg_batch = 1 if split else 2
-        if k == 0 or local_denoising == "full":
+        mode = resolve_local_denoising(local_denoising, gspn, latent_h * latent_w, native_area)
+        if k == 0 or mode == "full":
             batch, call_h, call_w = cfg_batch, latent_h, latent_w
         else:
             batch, call_h, call_w = cfg_batch * view_batch_size, window, window

@@ -116,3 +116,19 @@ def gaussian_blur(latents: torch.Tensor, kernel_size: int, sigma: float) -> torc
 def dilated_views(dilation: int) -> list[tuple[int, int]]:
     """The ``d * d`` phase offsets ``(h, w)`` of the dilated sub-latents ``latents[:, :, h::d, w::d]``."""
     return [(h, w) for h in range(dilation) for w in range(dilation)]
+
+
+# With the reference GSPN backend, the whole SD-XL latent of 16384x8192 (128x the native latent area)
+# needs about 82 GiB of UNet activations (see memory.py); up to 64x (8192x4096: about 20 GiB) it fits.
+FULL_LATENT_MAX_AREA_RATIO = 64
+
+
+def resolve_local_denoising(mode: str, gspn: bool, latent_area: int, native_area: int) -> str:
+    """``"auto"``: the whole latent (``"full"``) with GSPN up to 64x the native latent area, else DemoFusion's views.
+
+    The original attention is quadratic in tokens, so it always uses views; GSPN is linear, but its
+    activations still grow with the latent, and beyond the limit windows keep the peak constant.
+    """
+    if mode != "auto":
+        return mode
+    return "full" if gspn and latent_area <= FULL_LATENT_MAX_AREA_RATIO * native_area else "views"
