@@ -112,7 +112,7 @@ class DemoFusionMixin:
         shared components of the fp16/bf16 pipeline it was built from.
         """
         if "torch_dtype" not in kwargs and "dtype" not in kwargs:
-            kwargs["torch_dtype"] = pipeline.dtype
+            kwargs["dtype"] = pipeline.dtype
         return super().from_pipe(pipeline, **kwargs)
 
     # ------------------------------------------------------------------ sizes and checks
@@ -408,10 +408,9 @@ class DemoFusionMixin:
             raise ValueError("The high-resolution pipeline passes only 'latents' to callback_on_step_end.")
         sizes = self.plan_stages(height, width)
         logger.info(
-            "Stages (WxH): %s; %s attention, local denoising %s",
+            "Stages (WxH): %s with the %s attention",
             " -> ".join(f"{w}x{h}" for h, w in sizes),
             "GSPN" if converted else "original",
-            local_denoising,
         )
 
         # 2. Base image at the native size, by the parent pipeline's own loop
@@ -463,6 +462,16 @@ class DemoFusionMixin:
                 )
                 latents = F.interpolate(latents, size=(latent_h, latent_w), mode="bicubic", align_corners=False)
                 timesteps = self.stage_timesteps(num_inference_steps, strength, device)
+                logger.info(
+                    "Stage %d/%d %dx%d: %d steps, local denoising %s, CFG %s",
+                    stage,
+                    len(sizes) - 1,
+                    stage_w,
+                    stage_h,
+                    len(timesteps),
+                    settings.local_denoising,
+                    "in two calls" if settings.split_cfg else "batched",
+                )
                 latents = self.denoise_stage(
                     latents,
                     timesteps,
