@@ -188,8 +188,8 @@ class DemoFusionMixin:
     ) -> torch.Tensor:
         """Classifier-free-guided noise prediction for ``latents`` holding ``n_views * batch`` samples (view-major).
 
-        With ``split_cfg`` the
-        unconditional and conditional halves run as two UNet calls, halving the activations.
+        With ``split_cfg`` the unconditional and conditional halves run as two UNet calls, which
+        halves the activations at the same total work.
         """
         height, width = latents.shape[-2:]
         if settings.forward_chunking:
