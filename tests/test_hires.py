@@ -163,7 +163,7 @@ def test_full_local_denoising_calls_the_unet_once_on_the_whole_latent():
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_stage_without_residual_and_dilation_is_plain_sdedit(kind):
     pipe = hires_pipe(kind)
-    steps, strength, guidance = 5, 0.4, 5.0
+    steps, strength, guidance = 5, 0.6, 5.0  # 3 steps kept
     generator = torch.Generator().manual_seed(1)
     state = {}
 
@@ -202,7 +202,7 @@ def test_stage_without_residual_and_dilation_is_plain_sdedit(kind):
         output_type="latent",
     ).images
     torch.testing.assert_close(out.images, reference, atol=1e-5, rtol=1e-4)
-    # and the residual does change the result
+    # and the residual does change the result (scale 1: c1 = cos factor, about 0.1 at the second step, t = 201)
     with_residual = generate(
         pipe,
         128,
