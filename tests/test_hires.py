@@ -249,6 +249,16 @@ def test_works_with_gspn_and_original_attention(kind, local_denoising):
     assert (out_gspn - out_original).abs().max() > 1e-3
 
 
+def test_model_cpu_offload_keeps_working():
+    # On this CPU-only machine the offload device is the CPU too, but the Accelerate hooks are real:
+    # every model must be reached through its forward (or the VAE's hooked decode).
+    pipe = hires_pipe("sd15")
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert pipe._all_hooks
+    out = generate(pipe, 128, 256, num_inference_steps=3, output_type="pil")
+    assert out.images[0].size == (256, 128)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
