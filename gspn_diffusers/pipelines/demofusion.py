@@ -9,7 +9,8 @@ denoises it with DemoFusion's three mechanisms:
   latent, ``latents = (1 - c1) * latents + c1 * add_noise(upsampled, noise, t)`` with
   ``c1 = cos_factor(t) ** cosine_scale_1``;
 - **local denoising**: the UNet on overlapping native-size windows (``"views"``), or on the
-  whole latent at once (``"full"``, the default with GSPN, whose cost is linear in tokens);
+  whole latent at once (``"full"``, the default with GSPN up to 64x the native latent area:
+  its cost is linear in tokens);
 - **dilated sampling**: the UNet on the ``d x d`` dilated sub-latents ``latents[h::d, w::d]``
   of a Gaussian-filtered copy (``sigma * c3``), mixed with weight ``c2 = cos_factor(t) ** cosine_scale_2``.
 
@@ -17,6 +18,8 @@ Unlike DemoFusion, the branches are merged as noise predictions (a per-pixel ave
 scheduler steps once per timestep on the whole latent. For schedulers whose step is linear in
 (sample, prediction), such as DDIM and Euler, this equals DemoFusion's average of per-view steps;
 multistep and ancestral schedulers keep a consistent state (one step per timestep, one noise draw).
+Jittered windows stay inside the latent and the dilated branch pads by replication, where
+DemoFusion feeds zero padding to the UNet.
 
 A cosine scale of ``None`` is the limit ``scale -> inf``: its weight is exactly 0 and the term is
 off. With ``cosine_scale_1=None``, ``cosine_scale_2=None`` and ``local_denoising="full"`` a stage
