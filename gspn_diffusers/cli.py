@@ -19,6 +19,7 @@ from .convert import convert, detect_preset, get_unet, gspn_parameters
 from .distill.cli import add_distill_parser
 from .evaluation.cli import add_evaluate_parser
 from .loading import DTYPES, default_device, load_pipeline
+from .pipelines.cli_support import add_hires_args, hires_pipeline_for, save_stage_images
 from .serialization import load_gspn, save_gspn
 from .tiny import TINY_KINDS
 
@@ -91,8 +92,9 @@ def run_generate(args: argparse.Namespace) -> None:
     elif not args.original:
         logger.warning("No --gspn-weights given: GSPN modules are freshly converted from Q/K/V, not distilled.")
         convert(pipe, config_from_args(args, get_unet(pipe)))
+    pipe, hires_kwargs = hires_pipeline_for(pipe, args)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    image = pipe(
+    result = pipe(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         height=args.height,
@@ -100,10 +102,13 @@ def run_generate(args: argparse.Namespace) -> None:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         generator=generator,
-    ).images[0]
+        **hires_kwargs,
+    )
+    image = result.images[0]
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     image.save(output)
+    save_stage_images(result, output)
     logger.info("Saved %dx%d image to %s", image.width, image.height, output)
 
 
@@ -122,6 +127,7 @@ def add_generate_parser(subparsers) -> None:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="gspn_outputs/image.png", help="PNG path to write.")
+    add_hires_args(parser)
     parser.set_defaults(func=run_generate)
 
 
