@@ -1,0 +1,274 @@
+"""CUDA backend of the GSPN operators: the compiled kernels of ``csrc/`` behind ``autograd.Function``s.
+
+Layers, from the bottom: the extension (imported ahead-of-time build ``gspn_diffusers._C`` from setup.py, else
+compiled just in time with ``torch.utils.cpp_extension.load`` + ninja and cached in torch's extension
+directory) -> ``_ScanFunction`` / ``_FusedScanFunction`` -> :func:`cuda_scan` / :func:`cuda_scan_fused`, which
+have the signatures of the reference functions and are registered as the ``"cuda"`` backend.
+
+Policy (``GSPN_DIFFUSERS_BACKEND``, read by ``backend.py``): CPU tensors and float64 always run the reference.
+``auto`` runs the kernel on CUDA tensors only after a one-time self-check against the reference on a small
+random case for that device, dtype and mode (op, normalisation, global/chunked); if the check disagrees a
+warning says so and the reference runs. ``cuda`` skips the self-check. If the extension cannot be built or
+imported, a warning says why and the reference runs: a pipeline never crashes because of the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .backend import Backend, register_backend, requested_backend
+from .reference import DIRECTIONS, gspn_scan_fused_reference, gspn_scan_reference
+
+logger = logging.getLogger(__name__)
+
+CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = ("gspn_binding.cpp", "gspn_fp32.cu", "gspn_fp16.cu", "gspn_bf16.cu", "gspn_baseline.cu")
+EXTENSION_NAME = "gspn_diffusers_cuda"
+ARCH_ENV = "GSPN_DIFFUSERS_CUDA_ARCH"  # e.g. "8.0;9.0"; default below
+TILE_ENV = "GSPN_DIFFUSERS_CUDA_TILE"  # channels per block (power of two <= 16); 0 = heuristic
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EXPECTED_FUNCTIONS = ("fused_forward", "fused_backward", "scan_forward", "scan_backward", "baseline_scan")
+
+_extension: ModuleType | None = None
+_load_error: str | None = None
+_self_checks: dict[tuple, bool] = {}
+_warned: set[str] = set()
+
+
+def arch_flags(archs: str | None = None) -> list[str]:
+    """nvcc -gencode flags for an explicit arch list ("8.0;9.0"), plus PTX of the newest for forward compatibility."""
+    archs = archs or os.environ.get(ARCH_ENV) or DEFAULT_ARCHS
+    numbers = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
+    if not numbers or not all(n.isdigit() for n in numbers):
+        raise ValueError(f"{ARCH_ENV}={archs!r} is not a list of compute capabilities such as '8.0;9.0'.")
+    flags = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in numbers]
+    flags.append(f"-gencode=arch=compute_{numbers[-1]},code=compute_{numbers[-1]}")
+    return flags
+
+
+def compile_flags(archs: str | None = None) -> tuple[list[str], list[str]]:
+    """(C++ flags, nvcc flags) shared by the JIT build, setup.py and the CI build check."""
+    cxx = ["-O3"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *arch_flags(archs)]
+    return cxx, nvcc
+
+
+def source_paths() -> list[str]:
+    missing = [name for name in SOURCES if not (CSRC_DIR / name).is_file()]
+    if missing:
+        raise OSError(
+            f"The CUDA sources {', '.join(missing)} are not in {CSRC_DIR}. The JIT build needs a source checkout "
+            "(pip install -e .), or install with GSPN_DIFFUSERS_BUILD_CUDA=1 to build the kernel ahead of time."
+        )
+    return [str(CSRC_DIR / name) for name in SOURCES]
+
+
+def build_extension(build_directory: str | None = None, verbose: bool = False, archs: str | None = None):
+    """Compile (or reuse the cached build of) the extension with ninja and import it. Raises on failure."""
+    from torch.utils.cpp_extension import load
+
+    cxx, nvcc = compile_flags(archs)
+    return load(
+        name=EXTENSION_NAME,
+        sources=source_paths(),
+        extra_cflags=cxx,
+        extra_cuda_cflags=nvcc,
+        extra_include_paths=[str(CSRC_DIR)],
+        build_directory=build_directory,
+        verbose=verbose,
+    )
+
+
+def load_extension() -> ModuleType | None:
+    """The compiled module, built on first use; None (and the reason in :func:`load_error`) if that fails."""
+    global _extension, _load_error
+    if _extension is not None or _load_error is not None:
+        return _extension
+    try:
+        from gspn_diffusers import _C as module  # ahead-of-time build from setup.py
+    except ImportError:
+        logger.warning(
+            "Compiling the GSPN CUDA kernel (first use, about 3-5 minutes; cached afterwards in torch's extension "
+            "directory, TORCH_EXTENSIONS_DIR)."
+        )
+        try:
+            module = build_extension()
+        except Exception as error:  # noqa: BLE001 - any build failure must fall back, never crash a pipeline
+            _load_error = f"{type(error).__name__}: {error}"
+            return None
+    missing = [name for name in EXPECTED_FUNCTIONS if not hasattr(module, name)]
+    if missing:
+        _load_error = f"the compiled module {module.__name__} lacks {', '.join(missing)} (stale build?)"
+        return None
+    _extension = module
+    return module
+
+
+def load_error() -> str | None:
+    return _load_error
+
+
+def _tile() -> int:
+    value = os.environ.get(TILE_ENV, "0")
+    if not value.isdigit():
+        raise ValueError(f"{TILE_ENV}={value!r} must be 0 (heuristic) or a power of two up to 16.")
+    return int(value)
+
+
+def _chunk(chunk_size: int | None) -> int:
+    return 0 if chunk_size is None else int(chunk_size)
+
+
+class _ScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lam, gate_logits, direction: int, chunk: int):
+        ctx.save_for_backward(x, lam, gate_logits)
+        ctx.direction, ctx.chunk = direction, chunk
+        return _extension.scan_forward(x, lam, gate_logits, direction, chunk, _tile())
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, lam, gate_logits = ctx.saved_tensors
+        grad_x, grad_lam, grad_gates = _extension.scan_backward(
+            grad_h, x, lam, gate_logits, ctx.direction, ctx.chunk, _tile()
+        )
+        return grad_x, grad_lam, grad_gates, None, None
+
+
+class _FusedScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lam, gate_logits, u, merge, skip, chunk: int, normalize: bool, eps: float):
+        ctx.save_for_backward(x, lam, gate_logits, u, merge, skip)
+        ctx.chunk, ctx.normalize, ctx.eps = chunk, normalize, eps
+        return _extension.fused_forward(x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile())
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lam, gate_logits, u, merge, skip = ctx.saved_tensors
+        grads = _extension.fused_backward(
+            grad_y, x, lam, gate_logits, u, merge, skip, ctx.chunk, ctx.normalize, ctx.eps, _tile()
+        )
+        grad_x, grad_lam, grad_gates, grad_u, grad_merge, grad_skip = grads
+        if skip is None:
+            grad_skip = None
+        return grad_x, grad_lam, grad_gates, grad_u, grad_merge, grad_skip, None, None, None
+
+
+def kernel_scan(x, lam, gate_logits, direction: str, chunk_size: int | None = None) -> torch.Tensor:
+    """The kernel itself, no policy: inputs must be CUDA tensors of a supported dtype."""
+    return _ScanFunction.apply(x, lam, gate_logits, DIRECTIONS.index(direction), _chunk(chunk_size))
+
+
+def kernel_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, normalize=False, eps=1e-6):
+    """The kernel itself, no policy: inputs must be CUDA tensors of a supported dtype."""
+    return _FusedScanFunction.apply(x, lam, gate_logits, u, merge, skip, _chunk(chunk_size), normalize, eps)
+
+
+# Self-check tolerances (relative to the largest reference value) for forward and gradients.
+_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def _max_rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.detach().double().abs().max().clamp_min(1e-6)
+    return float((got.detach().double() - expected.detach().double()).abs().max() / scale)
+
+
+def self_check(device: torch.device, dtype: torch.dtype, fused: bool, normalize: bool, chunk_size: int | None) -> str:
+    """Kernel vs reference, forward and gradients, on one small random case; returns '' or what disagreed."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    b, h, w, c, g = 2, 5, 7, 24, 12
+
+    def rand(*shape, low=-1.0, high=1.0):
+        return (torch.rand(*shape, generator=gen, device=device) * (high - low) + low).to(dtype)
+
+    x, lam = rand(b, h, w, c), rand(b, h, w, c, low=0.1, high=1.0)
+    if fused:
+        inputs = [x, lam, rand(b, h, w, 4, 3, g, low=-2, high=2), rand(b, h, w, 4, c), rand(4, c), rand(c)]
+
+        def run(fn, *args):
+            return fn(*args, chunk_size=chunk_size, normalize=normalize)
+
+        kernel, reference = kernel_scan_fused, gspn_scan_fused_reference
+    else:
+        inputs = [x, lam, rand(b, h, w, 3, g, low=-2, high=2)]
+
+        def run(fn, *args):
+            return fn(*args, "bottom_to_top", chunk_size)
+
+        kernel, reference = kernel_scan, gspn_scan_reference
+    tol = _CHECK_TOLERANCE[dtype]
+    with torch.enable_grad():
+        results = []
+        for fn in (kernel, reference):
+            leaves = [t.detach().clone().requires_grad_() for t in inputs]
+            out = run(fn, *leaves)
+            grad = torch.linspace(-1, 1, out.numel(), device=device, dtype=out.dtype).reshape(out.shape)
+            out.backward(grad)
+            results.append([out, *(leaf.grad for leaf in leaves)])
+    names = ["output", "grad x", "grad lam", "grad gates", "grad u", "grad merge", "grad skip"]
+    for name, got, expected in zip(names, *results, strict=False):
+        err = _max_rel_error(got, expected)
+        if not err <= (tol if name == "output" else 3 * tol):
+            return f"{name} differs from the reference by {err:.2e} (relative)"
+    return ""
+
+
+def _verified(x: torch.Tensor, fused: bool, normalize: bool, chunk_size: int | None) -> bool:
+    """auto: the one-time self-check of this device/dtype/mode; cuda: always True (the user forced the kernel)."""
+    if requested_backend() == "cuda":
+        return True
+    key = (x.device, x.dtype, fused, normalize, chunk_size is not None)
+    if key not in _self_checks:
+        problem = self_check(x.device, x.dtype, fused, normalize, chunk_size)
+        _self_checks[key] = not problem
+        if problem:
+            warnings.warn(
+                f"The GSPN CUDA kernel failed its self-check ({'fused' if fused else 'single'} scan, {x.dtype}, "
+                f"normalize={normalize}, chunked={chunk_size is not None}): {problem}. Running the PyTorch "
+                "reference for this mode; please report this. GSPN_DIFFUSERS_BACKEND=cuda forces the kernel.",
+                stacklevel=4,
+            )
+    return _self_checks[key]
+
+
+def _kernel_applies(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in SUPPORTED_DTYPES and load_extension() is not None
+
+
+def cuda_scan(x, lam, gate_logits, direction: str, chunk_size: int | None = None) -> torch.Tensor:
+    """:func:`gspn_scan_reference` computed by the kernel where it applies and passed its self-check."""
+    if _kernel_applies(x) and _verified(x, False, False, chunk_size):
+        return kernel_scan(x, lam, gate_logits, direction, chunk_size)
+    return gspn_scan_reference(x, lam, gate_logits, direction, chunk_size)
+
+
+def cuda_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, normalize=False, eps=1e-6):
+    """:func:`gspn_scan_fused_reference` computed by the kernel where it applies and passed its self-check."""
+    if _kernel_applies(x) and _verified(x, True, normalize, chunk_size):
+        return kernel_scan_fused(x, lam, gate_logits, u, merge, skip, chunk_size, normalize, eps)
+    return gspn_scan_fused_reference(x, lam, gate_logits, u, merge, skip, chunk_size, normalize, eps)
+
+
+CUDA_BACKEND = Backend("cuda", cuda_scan, cuda_scan_fused)
+
+
+def cuda_backend() -> Backend | None:
+    """Build/import the extension and register the backend; None (after one warning saying why) on failure."""
+    if load_extension() is None:
+        if "build" not in _warned:
+            _warned.add("build")
+            warnings.warn(
+                f"The GSPN CUDA kernel is not available ({_load_error}); running the PyTorch reference instead. "
+                "Set GSPN_DIFFUSERS_BACKEND=reference to silence this.",
+                stacklevel=4,
+            )
+        return None
+    register_backend(CUDA_BACKEND)
+    return CUDA_BACKEND
