@@ -17,22 +17,18 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from .backend import Backend, register_backend, requested_backend
+from .cuda_build import CSRC_DIR, SOURCES, compile_flags, find_cuda_home
 from .reference import DIRECTIONS, gspn_scan_fused_reference, gspn_scan_reference
 
 logger = logging.getLogger(__name__)
 
-CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("gspn_binding.cpp", "gspn_fp32.cu", "gspn_fp16.cu", "gspn_bf16.cu", "gspn_baseline.cu")
 EXTENSION_NAME = "gspn_diffusers_cuda"
-ARCH_ENV = "GSPN_DIFFUSERS_CUDA_ARCH"  # e.g. "8.0;9.0"; default below
 TILE_ENV = "GSPN_DIFFUSERS_CUDA_TILE"  # channels per block (power of two <= 16); 0 = heuristic
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EXPECTED_FUNCTIONS = ("fused_forward", "fused_backward", "scan_forward", "scan_backward", "baseline_scan")
 
@@ -40,24 +36,6 @@ _extension: ModuleType | None = None
 _load_error: str | None = None
 _self_checks: dict[tuple, bool] = {}
 _warned: set[str] = set()
-
-
-def arch_flags(archs: str | None = None) -> list[str]:
-    """nvcc -gencode flags for an explicit arch list ("8.0;9.0"), plus PTX of the newest for forward compatibility."""
-    archs = archs or os.environ.get(ARCH_ENV) or DEFAULT_ARCHS
-    numbers = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
-    if not numbers or not all(n.isdigit() for n in numbers):
-        raise ValueError(f"{ARCH_ENV}={archs!r} is not a list of compute capabilities such as '8.0;9.0'.")
-    flags = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in numbers]
-    flags.append(f"-gencode=arch=compute_{numbers[-1]},code=compute_{numbers[-1]}")
-    return flags
-
-
-def compile_flags(archs: str | None = None) -> tuple[list[str], list[str]]:
-    """(C++ flags, nvcc flags) shared by the JIT build, setup.py and the CI build check."""
-    cxx = ["-O3"]
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *arch_flags(archs)]
-    return cxx, nvcc
 
 
 def source_paths() -> list[str]:
@@ -72,6 +50,10 @@ def source_paths() -> list[str]:
 
 def build_extension(build_directory: str | None = None, verbose: bool = False, archs: str | None = None):
     """Compile (or reuse the cached build of) the extension with ninja and import it. Raises on failure."""
+    cuda_home = find_cuda_home()
+    if cuda_home is not None:
+        # torch guesses CUDA_HOME from nvcc's location, which misses the headers when nvcc is a symlink elsewhere.
+        os.environ.setdefault("CUDA_HOME", cuda_home)
     from torch.utils.cpp_extension import load
 
     cxx, nvcc = compile_flags(archs)
