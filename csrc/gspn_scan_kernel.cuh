@@ -20,8 +20,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math.h>
 
 #include "gspn_params.h"
+
+// The kernels' dynamic shared memory. csrc/emulation/ redefines it to run this same source on the CPU.
+#ifndef GSPN_SHARED_FLOATS
+#define GSPN_SHARED_FLOATS(name) extern __shared__ float name[]
+#endif
 
 namespace gspn {
 
@@ -170,7 +176,7 @@ __host__ __device__ __forceinline__ int64_t dense_index(const ScanInputs& in, in
 
 template <typename T, int kUnroll>
 __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const ScanForwardOutputs out) {
-  extern __shared__ float smem[];
+  GSPN_SHARED_FLOATS(smem);
   const Lane t = block_lane(in);
   const int tile = in.tile;
   const int64_t line_floats = max_rows(in) * tile;
@@ -311,7 +317,7 @@ __device__ void recompute_line(const ScanInputs& in, const Lane& t, const Direct
 
 template <typename T>
 __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, const ScanBackwardArgs a) {
-  extern __shared__ float smem[];
+  GSPN_SHARED_FLOATS(smem);
   const Lane t = block_lane(in);
   const int tile = in.tile;
   const int64_t line_floats = max_rows(in) * tile;
@@ -525,10 +531,12 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Launchers
+// Launchers (the host emulation of csrc/emulation/ launches the same kernels its own way)
 // ------------------------------------------------------------------------------------------------------------
 
 constexpr int kForwardUnroll = 4;
+
+#ifndef GSPN_HOST_EMULATION
 
 template <typename T>
 void launch_forward(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
@@ -547,5 +555,6 @@ void launch_backward(const ScanInputs& in, const ScanBackwardArgs& args, cudaStr
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
   kernel<<<grid, in.threads, shared, stream>>>(in, args);
 }
+#endif  // GSPN_HOST_EMULATION
 
 }  // namespace gspn

@@ -38,7 +38,7 @@ def main() -> int:
     if torch.version.cuda is None:
         print(f"check_cuda_build: SKIPPED, torch {torch.__version__} is a CPU-only build (cannot compile CUDA).")
         return 0
-    from gspn_diffusers.ops.cuda import EXPECTED_FUNCTIONS, build_extension, find_cuda_home
+    from gspn_diffusers.ops.cuda import EXPECTED_FUNCTIONS, build_emulation, build_extension, find_cuda_home
 
     cuda_home = find_cuda_home()
     if cuda_home is None:
@@ -62,6 +62,16 @@ def main() -> int:
         f"check_cuda_build: OK, compiled and linked for sm {args.archs} with {os.environ['MAX_JOBS']} jobs in "
         f"{elapsed:.0f} s (CUDA_HOME={cuda_home}); exports {', '.join(EXPECTED_FUNCTIONS)}."
     )
+    # The same kernel source compiled for the host, run by tests/test_cuda_emulation.py against the reference.
+    start = time.perf_counter()
+    emulation_dir = args.build_dir / "emulation"
+    emulation_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        build_emulation(build_directory=str(emulation_dir))
+    except Exception as error:  # noqa: BLE001 - report any build failure with its full compiler output
+        print(f"check_cuda_build: FAILED to build the host emulation of the kernels:\n{error}", file=sys.stderr)
+        return 1
+    print(f"check_cuda_build: OK, host emulation of the kernels built in {time.perf_counter() - start:.0f} s.")
     return 0
 
 

@@ -31,7 +31,7 @@ def kernel():
 
 
 def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.detach().double().abs().max().clamp_min(1e-3)
+    scale = expected.detach().double().abs().max().clamp_min(1e-2)  # gradients that are ~0 analytically
     return float((got.detach().double() - expected.detach().double()).abs().max() / scale)
 
 

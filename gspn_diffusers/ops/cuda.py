@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -28,6 +29,7 @@ from .reference import DIRECTIONS, gspn_scan_fused_reference, gspn_scan_referenc
 logger = logging.getLogger(__name__)
 
 EXTENSION_NAME = "gspn_diffusers_cuda"
+EMULATION_NAME = "gspn_diffusers_cuda_emulation"
 TILE_ENV = "GSPN_DIFFUSERS_CUDA_TILE"  # channels per block (power of two <= 16); 0 = heuristic
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EXPECTED_FUNCTIONS = ("fused_forward", "fused_backward", "scan_forward", "scan_backward", "baseline_scan")
@@ -63,6 +65,23 @@ def build_extension(build_directory: str | None = None, verbose: bool = False, a
         extra_cflags=cxx,
         extra_cuda_cflags=nvcc,
         extra_include_paths=[str(CSRC_DIR)],
+        build_directory=build_directory,
+        verbose=verbose,
+    )
+
+
+def build_emulation(build_directory: str | None = None, verbose: bool = False):
+    """Compile (host C++ only, no GPU needed) the emulation of the kernels used by tests/test_cuda_emulation.py."""
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        raise OSError("The host emulation needs the CUDA headers (cuda_fp16.h, cuda_bf16.h); set CUDA_HOME.")
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name=EMULATION_NAME,
+        sources=[str(CSRC_DIR / "emulation" / "gspn_emulation.cpp")],
+        extra_cflags=["-O2"],
+        extra_include_paths=[str(CSRC_DIR), str(Path(cuda_home) / "include")],
         build_directory=build_directory,
         verbose=verbose,
     )
