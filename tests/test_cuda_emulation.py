@@ -107,6 +107,11 @@ def test_fused_variants(emu, variant):
     check_fused(emu, case, 4, True)
 
 
+def test_more_elements_than_threads(emu):
+    """150 rows x 16 channels = 2400 elements per line for 512 threads: several unrolled passes per thread."""
+    check_fused(emu, fused_case(1, 150, 2, 16, 16), 7, True, tile=16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fused_low_precision(emu, dtype):
     check_fused(emu, fused_case(1, 4, 5, 16, 16), None, True, dtype=dtype)
