@@ -113,10 +113,10 @@ def bytes_moved(batch: int, channels: int, height: int, width: int, element: int
     plane = batch * height * width * channels * element  # one (B, H, W, C) tensor
     forward = plane * (1 + 1 + 12 + 1) + plane  # read x, lam, gates (4 x 3 x C), u; write y
     backward = plane * (1 + 1 + 12 + 1 + 1) + plane * (1 + 1 + 12 + 1)  # read x, lam, gates, u, dy; write grads
-    # What this kernel actually moves in the forward (see csrc/gspn_scan_kernel.cuh): per direction x, lam, u and
-    # its 3 gate planes; the fp32 running sum written, read-modify-written twice, read once; y written once.
+    # What this kernel actually moves in the forward (see csrc/gspn_scan_kernel.cuh): per direction x, lam and its
+    # 3 gate planes; u once; the fp32 running sum written, read-modify-written twice, read once; y written once.
     fp32_plane = batch * height * width * channels * 4
-    kernel_forward = plane * 4 * (3 + 3) + fp32_plane * (1 + 2 + 2 + 1) + plane
+    kernel_forward = plane * (4 * (2 + 3) + 1 + 1) + fp32_plane * (1 + 2 + 2 + 1)
     return {"forward": forward, "forward_backward": forward + backward, "kernel_forward_traffic": kernel_forward}
 
 

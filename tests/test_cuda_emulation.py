@@ -141,12 +141,14 @@ def test_strided_views_are_read_in_place(emu):
     wide_x = rand(gen, 1, 5, 6, 16)
     wide_x[..., ::2] = case["x"]
     swapped_lam = case["lam"].transpose(1, 2).contiguous().transpose(1, 2)
-    u4 = case["u"].unsqueeze(3).expand(1, 5, 6, 4, 8)
+    wide_u = rand(gen, 1, 5, 6, 16)
+    wide_u[..., 8:] = case["u"]
+    u4 = wide_u[..., 8:].unsqueeze(3).expand(1, 5, 6, 4, 8)  # channel slice, stride 0 over the directions
     strided = emu.fused_forward(
         wide_x[..., ::2], swapped_lam, case["gates"], u4, case["merge"], case["skip"], 0, True, 1e-6, 0
     )
     dense = emu.fused_forward(
-        case["x"], case["lam"], case["gates"], u4.contiguous(), case["merge"], case["skip"], 0, True, 1e-6, 0
+        case["x"], case["lam"], case["gates"], case["u"], case["merge"], case["skip"], 0, True, 1e-6, 0
     )
     torch.testing.assert_close(strided, dense, rtol=0, atol=0)
 
