@@ -239,20 +239,22 @@ def _verified(x: torch.Tensor, fused: bool, normalize: bool, chunk_size: int | N
     return _self_checks[key]
 
 
-def _kernel_applies(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in SUPPORTED_DTYPES and load_extension() is not None
+def _kernel_applies(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """CUDA tensors of one supported dtype on one device (mixed dtypes go to the reference, which upcasts)."""
+    same = all(t.dtype == x.dtype and t.device == x.device for t in others)
+    return x.is_cuda and x.dtype in SUPPORTED_DTYPES and same and load_extension() is not None
 
 
 def cuda_scan(x, lam, gate_logits, direction: str, chunk_size: int | None = None) -> torch.Tensor:
     """:func:`gspn_scan_reference` computed by the kernel where it applies and passed its self-check."""
-    if _kernel_applies(x) and _verified(x, False, False, chunk_size):
+    if _kernel_applies(x, lam, gate_logits) and _verified(x, False, False, chunk_size):
         return kernel_scan(x, lam, gate_logits, direction, chunk_size)
     return gspn_scan_reference(x, lam, gate_logits, direction, chunk_size)
 
 
 def cuda_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, normalize=False, eps=1e-6):
     """:func:`gspn_scan_fused_reference` computed by the kernel where it applies and passed its self-check."""
-    if _kernel_applies(x) and _verified(x, True, normalize, chunk_size):
+    if _kernel_applies(x, lam, gate_logits, u) and _verified(x, True, normalize, chunk_size):
         return kernel_scan_fused(x, lam, gate_logits, u, merge, skip, chunk_size, normalize, eps)
     return gspn_scan_fused_reference(x, lam, gate_logits, u, merge, skip, chunk_size, normalize, eps)
 
