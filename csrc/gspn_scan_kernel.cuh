@@ -164,6 +164,7 @@ struct Lane {
   int lane;        // c - first channel of the tile
   bool active;     // c < C (the last tile may be partial)
   int64_t group;   // gate channel of c
+  int tile_shift;  // log2(tile): row of element e is e >> tile_shift (tile is a power of two)
 };
 
 __device__ __forceinline__ Lane block_lane(const ScanInputs& in) {
@@ -173,6 +174,8 @@ __device__ __forceinline__ Lane block_lane(const ScanInputs& in) {
   t.c = static_cast<int64_t>(blockIdx.x) * in.tile + t.lane;
   t.active = t.c < in.channels;
   t.group = t.c / (in.channels / in.gate_channels);
+  t.tile_shift = 0;
+  while ((1 << t.tile_shift) < in.tile) ++t.tile_shift;
   return t;
 }
 
@@ -228,7 +231,7 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
           xv[i] = lv[i] = av[i] = 0.f;
           uv[i] = 1.f;
           if (!t.active || e >= n) continue;
-          const int64_t r = e / tile;
+          const int64_t r = e >> t.tile_shift;
           int64_t y, x;
           image_pixel(g, line, r, y, x);
           xv[i] = load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
@@ -244,7 +247,7 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
         for (int i = 0; i < kUnroll; ++i) {
           const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
           if (!t.active || e >= n) continue;
-          const int64_t r = e / tile;
+          const int64_t r = e >> t.tile_shift;
           int64_t y, x;
           image_pixel(g, line, r, y, x);
           float h = lv[i] * xv[i];
@@ -311,7 +314,7 @@ __device__ void recompute_line(const ScanInputs& in, const Lane& t, const Direct
   const int64_t n = g.rows * in.tile;
   if (!t.active) return;
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-    const int64_t r = e / in.tile;
+    const int64_t r = e >> t.tile_shift;
     int64_t y, x;
     image_pixel(g, line, r, y, x);
     const float lv = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
@@ -404,7 +407,7 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
         float* out_z = contrib_z + (s & 1) * kNumGates * line_floats;
 
         for (int64_t e = threadIdx.x; t.active && e < n; e += blockDim.x) {
-          const int64_t r = e / tile;
+          const int64_t r = e >> t.tile_shift;
           int64_t y, x;
           image_pixel(g, line, r, y, x);
           const float xv = load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
