@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ def test_cpu_tensors_use_the_reference_without_building(monkeypatch):
 
 def test_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
     """A kernel that cannot be built says why, once, and the caller gets None (-> the reference)."""
+    monkeypatch.setitem(sys.modules, "gspn_diffusers._C", None)  # no ahead-of-time build either
     monkeypatch.setattr(cuda, "CSRC_DIR", tmp_path)  # a checkout without csrc/
     monkeypatch.setattr(cuda, "_extension", None)
     monkeypatch.setattr(cuda, "_load_error", None)

@@ -131,6 +131,16 @@ def test_single_direction_forward_and_grads(kernel, dtype, direction, chunk_size
     )
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_benchmark_baseline_matches_reference(kernel, direction):
+    """The per-line-launch baseline of the benchmark computes the same scan (so the comparison is fair)."""
+    x, lam, gates = scan_inputs(2, 11, 13, 8, g=4)
+    with torch.no_grad():
+        got = kernel.load_extension().baseline_scan(x, lam, gates, DIRECTIONS.index(direction), 3)
+        expected = gspn_scan_reference(x, lam, gates, direction, 3)
+    assert rel_error(got, expected) <= FWD_TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_large_channel_count(kernel, dtype):
     inputs = fused_inputs(2, 16, 24, 1280, dtype=dtype)
