@@ -101,7 +101,7 @@ void choose_work_split(const Device& device, gspn::ScanInputs& in, bool backward
 }
 
 // Fills the inputs shared by forward and backward. gate is 6-D (B, H, W, slots, 3, G); u is 5-D
-// (B, H, W, 4 or expanded, C) or undefined; merge and skip are fp32 contiguous or undefined.
+// (B, H, W, 4 or expanded, C) or undefined; merge and skip share one dtype (fp32 or x's) or are undefined.
 gspn::ScanInputs make_inputs(const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u,
                              const Tensor& merge, const Tensor& skip, int64_t chunk, int dir_begin, int dir_end,
                              bool normalize, double eps) {
@@ -130,20 +130,21 @@ gspn::ScanInputs make_inputs(const Tensor& x, const Tensor& lam, const Tensor& g
     in.u = u.data_ptr();
     copy_strides(u, in.u_stride);
   }
+  in.params_are_float = !merge.defined() || merge.scalar_type() == at::kFloat;  // skip has merge's dtype
   if (merge.defined()) {
-    in.merge = merge.data_ptr<float>();
-    in.merge_stride[0] = merge.dim() == 2 ? merge.stride(0) : 1;
+    in.merge = merge.data_ptr();
+    in.merge_stride[0] = merge.stride(0);
     in.merge_stride[1] = merge.dim() == 2 ? merge.stride(1) : 0;
   }
   if (skip.defined()) {
-    in.skip = skip.data_ptr<float>();
+    in.skip = skip.data_ptr();
     in.skip_stride = skip.stride(0);
   }
   return in;
 }
 
 // Fused-op inputs: gate (B, H, W, 4, 3, G); u (B, H, W, C) shared or (B, H, W, 4, C); merge (4,) or (4, C);
-// skip (C,) or None. Returns u as a 5-D view (stride 0 over the directions when shared), merge/skip as fp32.
+// skip (C,) or None. Returns u as a 5-D view (stride 0 over the directions when shared), merge/skip in one dtype.
 struct FusedArgs {
   Tensor u5, merge, skip;
   bool u_per_direction;
@@ -171,11 +172,15 @@ FusedArgs check_fused(const Device& device, const Tensor& x, const Tensor& lam, 
   TORCH_CHECK((merge.dim() == 1 && merge.size(0) == gspn::kNumDirections) ||
                   (merge.dim() == 2 && merge.size(0) == gspn::kNumDirections && merge.size(1) == c),
               "GSPN CUDA kernel: merge must be (4,) or (4, C), got ", merge.sizes(), ".");
-  out.merge = merge.to(at::kFloat).contiguous();
+  // merge and skip are read in x's dtype when both have it (no cast launch), else both as fp32.
+  const bool native = merge.scalar_type() == x.scalar_type() &&
+                      (!skip.has_value() || !skip->defined() || skip->scalar_type() == x.scalar_type());
+  const auto param_dtype = native ? x.scalar_type() : at::kFloat;
+  out.merge = merge.to(param_dtype);
   if (skip.has_value() && skip->defined()) {
     TORCH_CHECK(skip->device() == x.device(), "GSPN CUDA kernel: skip must be on ", x.device(), ".");
     check_shape(*skip, {c}, "skip");
-    out.skip = skip->to(at::kFloat).contiguous();
+    out.skip = skip->to(param_dtype);
   }
   return out;
 }

@@ -36,8 +36,9 @@ struct ScanInputs {
   const void* lam;
   const void* gate;  // logits
   const void* u;
-  const float* merge;  // fp32 (the binding converts the tiny merge/skip parameters)
-  const float* skip;
+  const void* merge;  // fp32 or the storage dtype, see params_are_float
+  const void* skip;
+  bool params_are_float;  // merge and skip are fp32 (else they have the dtype of x)
   int64_t x_stride[4];     // b, y, x, c
   int64_t lam_stride[4];   // b, y, x, c
   int64_t gate_stride[6];  // b, y, x, direction slot, gate k, gate channel

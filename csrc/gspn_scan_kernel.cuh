@@ -157,6 +157,12 @@ __device__ __forceinline__ float carried(const GateWeights& w, const float* prev
   return acc;
 }
 
+// merge / skip entry i: fp32 parameters, or parameters in the storage dtype (read without a cast launch).
+template <typename T>
+__device__ __forceinline__ float load_param(const ScanInputs& in, const void* p, int64_t i) {
+  return in.params_are_float ? static_cast<const float*>(p)[i] : load_float(static_cast<const T*>(p) + i);
+}
+
 // Per-thread constants of a block.
 struct Lane {
   int64_t b;
@@ -199,7 +205,7 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
   const T* lamp = static_cast<const T*>(in.lam);
   const T* up = static_cast<const T*>(in.u);
   T* yp = static_cast<T*>(out.y);
-  const float skip_c = (in.skip != nullptr && t.active) ? in.skip[t.c * in.skip_stride] : 0.f;
+  const float skip_c = (in.skip != nullptr && t.active) ? load_param<T>(in, in.skip, t.c * in.skip_stride) : 0.f;
   // A u shared by the directions (stride 0 over them, as the GSPN processor passes it) is factored out,
   // y = u * sum_d merge_d * q_d + skip * x, so only the last direction reads it.
   const bool factor_u = up != nullptr && in.u_stride[3] == 0;
@@ -209,8 +215,9 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
     const bool first = d == in.dir_begin;
     const bool last = d == in.dir_end - 1;
     const bool read_u = up != nullptr && (!factor_u || last);
-    const float merge_c =
-        (in.merge != nullptr && t.active) ? in.merge[d * in.merge_stride[0] + t.c * in.merge_stride[1]] : 1.f;
+    const float merge_c = (in.merge != nullptr && t.active)
+                              ? load_param<T>(in, in.merge, d * in.merge_stride[0] + t.c * in.merge_stride[1])
+                              : 1.f;
     const int64_t slot = in.gate_slot_is_direction ? d : 0;
     const int64_t n = g.rows * tile;
 
@@ -354,7 +361,7 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
   const T* lamp = static_cast<const T*>(in.lam);
   const T* up = static_cast<const T*>(in.u);
   const T* gyp = static_cast<const T*>(a.grad_y);
-  const float skip_c = (in.skip != nullptr && t.active) ? in.skip[t.c * in.skip_stride] : 0.f;
+  const float skip_c = (in.skip != nullptr && t.active) ? load_param<T>(in, in.skip, t.c * in.skip_stride) : 0.f;
   const int64_t slots = in.gate_slot_is_direction ? kNumDirections : 1;
   const bool shared_gates = in.gate_channels != in.channels;
   float skip_acc = 0.f;
@@ -363,8 +370,9 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
     const Direction g = direction_geometry(in, d);
     const bool first = d == in.dir_begin;
     const bool last = d == in.dir_end - 1;
-    const float merge_c =
-        (in.merge != nullptr && t.active) ? in.merge[d * in.merge_stride[0] + t.c * in.merge_stride[1]] : 1.f;
+    const float merge_c = (in.merge != nullptr && t.active)
+                              ? load_param<T>(in, in.merge, d * in.merge_stride[0] + t.c * in.merge_stride[1])
+                              : 1.f;
     const int64_t slot = in.gate_slot_is_direction ? d : 0;
     const int64_t n = g.rows * tile;
     const int64_t segments = (g.length + a.segment - 1) / a.segment;

@@ -61,8 +61,10 @@ def reference_fused_grads(case, grad_y, chunk_size, normalize):
     return out.detach(), {k: None if v is None else v.grad for k, v in leaves.items()}
 
 
-def check_fused(emu, case, chunk_size, normalize, dtype=torch.float32, tile=0):
+def check_fused(emu, case, chunk_size, normalize, dtype=torch.float32, tile=0, float_params=False):
     inputs = {k: None if v is None else v.to(dtype) for k, v in case.items()}
+    if float_params:  # fp32 merge/skip parameters beside low-precision activations
+        inputs["merge"], inputs["skip"] = case["merge"].float(), case["skip"].float()
     grad_y = torch.randn(case["x"].shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     expected, grads = reference_fused_grads(
         {k: None if v is None else v.float() for k, v in inputs.items()}, grad_y.float(), chunk_size, normalize
@@ -113,8 +115,16 @@ def test_more_elements_than_threads(emu):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_fused_low_precision(emu, dtype):
-    check_fused(emu, fused_case(1, 4, 5, 16, 16), None, True, dtype=dtype)
+@pytest.mark.parametrize("float_params", [False, True])
+def test_fused_low_precision(emu, dtype, float_params):
+    case = fused_case(1, 4, 5, 16, 16)
+    check_fused(emu, case, None, True, dtype=dtype, float_params=float_params)
+
+
+def test_strided_scalar_merge(emu):
+    case = fused_case(1, 3, 4, 4, 4)
+    case["merge"] = torch.arange(8.0)[::2] / 8  # (4,) with stride 2
+    check_fused(emu, case, None, False)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
