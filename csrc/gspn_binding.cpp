@@ -53,8 +53,7 @@ Tensor baseline_scan(const Tensor& x, const Tensor& lam, const Tensor& gate, int
   const Tensor gate6 = check_single(kCuda, x, lam, gate, direction);
   const c10::cuda::CUDAGuard guard(x.device());
   const int d = static_cast<int>(direction);
-  const gspn::ScanInputs in =
-      make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0);
+  const gspn::ScanInputs in = make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0);
   Tensor h = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return h;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

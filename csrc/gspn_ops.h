@@ -34,8 +34,8 @@ struct Device {
 };
 
 void check_same(const Tensor& t, const Tensor& x, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "GSPN CUDA kernel: ", name, " is on ", t.device(), " but x is on ",
-              x.device(), ".");
+  TORCH_CHECK(t.device() == x.device(), "GSPN CUDA kernel: ", name, " is on ", t.device(), " but x is on ", x.device(),
+              ".");
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "GSPN CUDA kernel: ", name, " has dtype ", t.scalar_type(),
               " but x has ", x.scalar_type(), "; pass all tensors in one dtype.");
 }
@@ -51,8 +51,8 @@ void check_image_inputs(const Device& device, const Tensor& x, const Tensor& lam
               " tensor (got ", x.device(), ").");
   TORCH_CHECK(x.dim() == 4, "GSPN CUDA kernel: x must be (B, H, W, C), got ", x.sizes(), ".");
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "GSPN CUDA kernel: dtype ", dtype, " is not supported (use float32, float16 or bfloat16).");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "GSPN CUDA kernel: dtype ", dtype,
+              " is not supported (use float32, float16 or bfloat16).");
   check_same(lam, x, "lam");
   check_shape(lam, x.sizes(), "lam");
   TORCH_CHECK(x.size(0) <= 65535, "GSPN CUDA kernel: batch ", x.size(0), " exceeds 65535; split the batch.");
@@ -63,7 +63,6 @@ void copy_strides(const Tensor& t, int64_t* out) {
 }
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
 
 // Channels per block: the widest tile whose shared memory fits, preferring one wave of blocks over several
 // (cost = waves * tile, ties to the wider tile for coalescing). `requested` > 0 forces a tile (tuning).
@@ -150,8 +149,8 @@ struct FusedArgs {
   bool u_per_direction;
 };
 
-FusedArgs check_fused(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u, const Tensor& merge,
-                      const std::optional<Tensor>& skip) {
+FusedArgs check_fused(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u,
+                      const Tensor& merge, const std::optional<Tensor>& skip) {
   check_image_inputs(device, x, lam);
   const int64_t b = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
   check_same(gate, x, "gate_logits");
@@ -185,14 +184,13 @@ FusedArgs check_fused(const Device& device, const Tensor& x, const Tensor& lam, 
   return out;
 }
 
-Tensor check_single(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate,
-                    int64_t direction) {
+Tensor check_single(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction) {
   check_image_inputs(device, x, lam);
-  TORCH_CHECK(direction >= 0 && direction < gspn::kNumDirections, "GSPN CUDA kernel: direction index ",
-              direction, " is not in [0, 4).");
+  TORCH_CHECK(direction >= 0 && direction < gspn::kNumDirections, "GSPN CUDA kernel: direction index ", direction,
+              " is not in [0, 4).");
   check_same(gate, x, "gate_logits");
-  TORCH_CHECK(gate.dim() == 5 && gate.size(0) == x.size(0) && gate.size(1) == x.size(1) &&
-                  gate.size(2) == x.size(2) && gate.size(3) == gspn::kNumGates,
+  TORCH_CHECK(gate.dim() == 5 && gate.size(0) == x.size(0) && gate.size(1) == x.size(1) && gate.size(2) == x.size(2) &&
+                  gate.size(3) == gspn::kNumGates,
               "GSPN CUDA kernel: gate_logits must be (B, H, W, 3, G), got ", gate.sizes(), ".");
   return gate.unsqueeze(3);  // one direction slot
 }
@@ -212,10 +210,10 @@ Tensor run_forward(const Device& device, const Tensor& x, gspn::ScanInputs in, i
   return y;
 }
 
-// Backward outputs common to both ops; returns {grad_x, grad_lam, grad_gate (fp32, 6-D), grad_u, merge part,
+// Backward outputs common to both ops; returns {grad_x, grad_lam, grad_gate (6-D), grad_u, merge part,
 // skip part}.
-std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, const Tensor& x, gspn::ScanInputs in, bool u_per_direction,
-                                 int64_t slots, int64_t tile) {
+std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, const Tensor& x, gspn::ScanInputs in,
+                                 bool u_per_direction, int64_t slots, int64_t tile) {
   check_same(grad_y, x, "grad_output");
   check_shape(grad_y, x.sizes(), "grad_output");
   const auto f32 = x.options().dtype(at::kFloat);
@@ -223,7 +221,9 @@ std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, con
   const bool is_float = x.scalar_type() == at::kFloat;
   Tensor grad_x = at::empty(x.sizes(), x.options());
   Tensor grad_lam = at::empty(x.sizes(), x.options());
-  Tensor grad_gate = at::zeros({in.batch, in.height, in.width, slots, gspn::kNumGates, in.gate_channels}, f32);
+  // Gates shared by channel groups are summed atomically in fp32; per-channel gates are written once, directly.
+  const std::vector<int64_t> gate_shape{in.batch, in.height, in.width, slots, gspn::kNumGates, in.gate_channels};
+  Tensor grad_gate = in.gate_channels != in.channels ? at::zeros(gate_shape, f32) : at::empty(gate_shape, x.options());
   Tensor grad_u, merge_part, skip_part;
   if (in.u != nullptr) {
     grad_u = u_per_direction
@@ -235,6 +235,7 @@ std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, con
   if (x.numel() == 0) {
     grad_x.zero_();
     grad_lam.zero_();
+    grad_gate.zero_();
     if (grad_u.defined()) grad_u.zero_();
     return {grad_x, grad_lam, grad_gate, grad_u, merge_part, skip_part};
   }
@@ -260,7 +261,7 @@ std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, con
       args.accum_u = accum_u.data_ptr<float>();
     }
   }
-  args.grad_gate = grad_gate.data_ptr<float>();
+  args.grad_gate = grad_gate.data_ptr();
   if (merge_part.defined()) args.grad_merge_part = merge_part.data_ptr<float>();
   if (skip_part.defined()) args.grad_skip_part = skip_part.data_ptr<float>();
 
@@ -268,8 +269,8 @@ std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, con
   args.segment = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(length)))));
   args.num_segments = (length + args.segment - 1) / args.segment;
   const int64_t blocks = in.batch * ((in.channels + in.tile - 1) / in.tile);
-  Tensor scratch = at::empty({blocks * gspn::backward_scratch_floats_per_block(in, args.segment, args.num_segments)},
-                             f32);
+  Tensor scratch =
+      at::empty({blocks * gspn::backward_scratch_floats_per_block(in, args.segment, args.num_segments)}, f32);
   args.scratch = scratch.data_ptr<float>();
   device.backward(x.scalar_type(), in, args);
   return {grad_x, grad_lam, grad_gate, grad_u, merge_part, skip_part};
@@ -277,18 +278,20 @@ std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, con
 
 // ---- Python entry points -----------------------------------------------------------------------------------
 
-Tensor fused_forward(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u, const Tensor& merge,
-                     const std::optional<Tensor>& skip, int64_t chunk, bool normalize, double eps, int64_t tile) {
+Tensor fused_forward(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u,
+                     const Tensor& merge, const std::optional<Tensor>& skip, int64_t chunk, bool normalize, double eps,
+                     int64_t tile) {
   const FusedArgs f = check_fused(device, x, lam, gate, u, merge, skip);
-  return run_forward(device, x, make_inputs(x, lam, gate, f.u5, f.merge, f.skip, chunk, 0, gspn::kNumDirections,
-                                    normalize, eps),
+  return run_forward(device, x,
+                     make_inputs(x, lam, gate, f.u5, f.merge, f.skip, chunk, 0, gspn::kNumDirections, normalize, eps),
                      tile);
 }
 
 // Returns {grad_x, grad_lam, grad_gate, grad_u, grad_merge, grad_skip (undefined without skip)}.
-std::vector<Tensor> fused_backward(const Device& device, const Tensor& grad_y, const Tensor& x, const Tensor& lam, const Tensor& gate,
-                                   const Tensor& u, const Tensor& merge, const std::optional<Tensor>& skip,
-                                   int64_t chunk, bool normalize, double eps, int64_t tile) {
+std::vector<Tensor> fused_backward(const Device& device, const Tensor& grad_y, const Tensor& x, const Tensor& lam,
+                                   const Tensor& gate, const Tensor& u, const Tensor& merge,
+                                   const std::optional<Tensor>& skip, int64_t chunk, bool normalize, double eps,
+                                   int64_t tile) {
   const FusedArgs f = check_fused(device, x, lam, gate, u, merge, skip);
   gspn::ScanInputs in =
       make_inputs(x, lam, gate, f.u5, f.merge, f.skip, chunk, 0, gspn::kNumDirections, normalize, eps);
@@ -300,8 +303,8 @@ std::vector<Tensor> fused_backward(const Device& device, const Tensor& grad_y, c
   return {g[0], g[1], g[2].to(gate.scalar_type()), g[3], grad_merge.to(merge.scalar_type()), grad_skip};
 }
 
-Tensor scan_forward(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction, int64_t chunk,
-                    int64_t tile) {
+Tensor scan_forward(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction,
+                    int64_t chunk, int64_t tile) {
   const Tensor gate6 = check_single(device, x, lam, gate, direction);
   const int d = static_cast<int>(direction);
   return run_forward(device, x, make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0),
@@ -309,8 +312,8 @@ Tensor scan_forward(const Device& device, const Tensor& x, const Tensor& lam, co
 }
 
 // Returns {grad_x, grad_lam, grad_gate}.
-std::vector<Tensor> scan_backward(const Device& device, const Tensor& grad_h, const Tensor& x, const Tensor& lam, const Tensor& gate,
-                                  int64_t direction, int64_t chunk, int64_t tile) {
+std::vector<Tensor> scan_backward(const Device& device, const Tensor& grad_h, const Tensor& x, const Tensor& lam,
+                                  const Tensor& gate, int64_t direction, int64_t chunk, int64_t tile) {
   const Tensor gate6 = check_single(device, x, lam, gate, direction);
   const int d = static_cast<int>(direction);
   gspn::ScanInputs in = make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0);
@@ -329,9 +332,8 @@ void define_ops(pybind11::module& m, const Device& device) {
         const Guard guard(x.device());
         return fused_forward(device, x, lam, gate, u, merge, skip, chunk, normalize, eps, tile);
       },
-      "Four-direction scan, merged (B, H, W, C).", py::arg("x"), py::arg("lam"), py::arg("gate_logits"),
-      py::arg("u"), py::arg("merge"), py::arg("skip"), py::arg("chunk"), py::arg("normalize"), py::arg("eps"),
-      py::arg("tile") = 0);
+      "Four-direction scan, merged (B, H, W, C).", py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("u"),
+      py::arg("merge"), py::arg("skip"), py::arg("chunk"), py::arg("normalize"), py::arg("eps"), py::arg("tile") = 0);
   m.def(
       "fused_backward",
       [&device](const Tensor& grad_y, const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u,
@@ -350,8 +352,8 @@ void define_ops(pybind11::module& m, const Device& device) {
         const Guard guard(x.device());
         return scan_forward(device, x, lam, gate, direction, chunk, tile);
       },
-      "One-direction scan h (B, H, W, C).", py::arg("x"), py::arg("lam"), py::arg("gate_logits"),
-      py::arg("direction"), py::arg("chunk"), py::arg("tile") = 0);
+      "One-direction scan h (B, H, W, C).", py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("direction"),
+      py::arg("chunk"), py::arg("tile") = 0);
   m.def(
       "scan_backward",
       [&device](const Tensor& grad_h, const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction,

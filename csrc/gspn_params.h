@@ -6,9 +6,9 @@
 // place. A direction is only a choice of scan axis, perpendicular axis and sweep order over these strides.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define GSPN_HOST_DEVICE __host__ __device__
@@ -27,7 +27,7 @@ constexpr int kNumGates = 3;       // neighbour offsets -1, 0, +1 across the sca
 //   skip == nullptr  -> no skip term
 struct ScanInputs {
   int64_t batch, height, width, channels, gate_channels;
-  int64_t chunk;  // 0: global scan; k > 0: groups of k lines aligned to image coordinates
+  int64_t chunk;           // 0: global scan; k > 0: groups of k lines aligned to image coordinates
   int dir_begin, dir_end;  // directions handled by this call, [begin, end) in the order above
   bool normalize;          // divide h by the scan of lam alone (x = 1), clamped at eps
   float eps;
@@ -38,12 +38,12 @@ struct ScanInputs {
   const void* u;
   const void* merge;  // fp32 or the storage dtype, see params_are_float
   const void* skip;
-  bool params_are_float;  // merge and skip are fp32 (else they have the dtype of x)
-  int64_t x_stride[4];     // b, y, x, c
-  int64_t lam_stride[4];   // b, y, x, c
-  int64_t gate_stride[6];  // b, y, x, direction slot, gate k, gate channel
-  int64_t u_stride[5];     // b, y, x, direction (0 when shared), c
-  int64_t merge_stride[2]; // direction, c (0 when one scalar per direction)
+  bool params_are_float;    // merge and skip are fp32 (else they have the dtype of x)
+  int64_t x_stride[4];      // b, y, x, c
+  int64_t lam_stride[4];    // b, y, x, c
+  int64_t gate_stride[6];   // b, y, x, direction slot, gate k, gate channel
+  int64_t u_stride[5];      // b, y, x, direction (0 when shared), c
+  int64_t merge_stride[2];  // direction, c (0 when one scalar per direction)
   int64_t skip_stride;
   bool gate_slot_is_direction;  // fused op: gate direction slot = direction; single op: slot 0
 
@@ -67,16 +67,18 @@ struct ScanBackwardArgs {
   void* grad_lam;            // (B, H, W, C), input dtype
   float* accum_x;            // fp32 running sums across directions (may alias grad_x/grad_lam when fp32)
   float* accum_lam;
-  void* grad_u;              // (B, H, W, C) shared or (B, H, W, 4, C) per direction, input dtype; null without u
-  float* accum_u;            // fp32 running sum when u is shared by the directions (may alias grad_u)
+  void* grad_u;    // (B, H, W, C) shared or (B, H, W, 4, C) per direction, input dtype; null without u
+  float* accum_u;  // fp32 running sum when u is shared by the directions (may alias grad_u)
   bool u_per_direction;
-  float* grad_gate;        // fp32 (B, H, W, slots, 3, G), zero-initialised; atomically summed when G < C
+  // (B, H, W, slots, 3, G): G == C: input dtype, every entry written; G < C (gates shared by channel groups):
+  // fp32, zero-initialised, summed atomically.
+  void* grad_gate;
   float* grad_merge_part;  // fp32 (B, 4, C) per-batch partial sums, null without merge
   float* grad_skip_part;   // fp32 (B, C) per-batch partial sums, null without skip
   // Per-block scratch for the recomputation (fp32): checkpoint lines and the lines of one segment.
   float* scratch;
-  int64_t segment;      // lines per segment (about sqrt of the scan length)
-  int64_t num_segments; // ceil(max scan length / segment)
+  int64_t segment;       // lines per segment (about sqrt of the scan length)
+  int64_t num_segments;  // ceil(max scan length / segment)
 };
 
 GSPN_HOST_DEVICE inline int64_t max_rows(const ScanInputs& in) { return in.height > in.width ? in.height : in.width; }
@@ -93,9 +95,12 @@ inline size_t backward_shared_bytes(const ScanInputs& in) {
 }
 
 // Scratch lines per block: checkpoints (one per segment), the recomputed lines of one segment, two rolling lines.
-GSPN_HOST_DEVICE inline int64_t backward_scratch_lines(int64_t segment, int64_t num_segments) { return num_segments + segment + 2; }
+GSPN_HOST_DEVICE inline int64_t backward_scratch_lines(int64_t segment, int64_t num_segments) {
+  return num_segments + segment + 2;
+}
 
-GSPN_HOST_DEVICE inline int64_t backward_scratch_floats_per_block(const ScanInputs& in, int64_t segment, int64_t num_segments) {
+GSPN_HOST_DEVICE inline int64_t backward_scratch_floats_per_block(const ScanInputs& in, int64_t segment,
+                                                                  int64_t num_segments) {
   return (in.normalize ? 2 : 1) * backward_scratch_lines(segment, num_segments) * max_rows(in) * in.tile;
 }
 

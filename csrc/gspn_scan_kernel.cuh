@@ -81,7 +81,7 @@ struct Direction {
 
 __host__ __device__ __forceinline__ Direction direction_geometry(const ScanInputs& in, int d) {
   Direction g;
-  g.vertical = d >= 2;  // top_to_bottom, bottom_to_top scan along H
+  g.vertical = d >= 2;        // top_to_bottom, bottom_to_top scan along H
   g.reversed = (d & 1) == 1;  // right_to_left, bottom_to_top
   g.length = g.vertical ? in.height : in.width;
   g.rows = g.vertical ? in.width : in.height;
@@ -103,7 +103,8 @@ __host__ __device__ __forceinline__ bool starts_group(const Direction& g, int64_
 }
 
 // (line, row) of a direction -> image (y, x).
-__host__ __device__ __forceinline__ void image_pixel(const Direction& g, int64_t line, int64_t row, int64_t& y, int64_t& x) {
+__host__ __device__ __forceinline__ void image_pixel(const Direction& g, int64_t line, int64_t row, int64_t& y,
+                                                     int64_t& x) {
   y = g.vertical ? line : row;
   x = g.vertical ? row : line;
 }
@@ -185,7 +186,8 @@ __device__ __forceinline__ Lane block_lane(const ScanInputs& in) {
   return t;
 }
 
-__host__ __device__ __forceinline__ int64_t dense_index(const ScanInputs& in, int64_t b, int64_t y, int64_t x, int64_t c) {
+__host__ __device__ __forceinline__ int64_t dense_index(const ScanInputs& in, int64_t b, int64_t y, int64_t x,
+                                                        int64_t c) {
   return ((b * in.height + y) * in.width + x) * in.channels + c;
 }
 
@@ -354,7 +356,7 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
   const int64_t block = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
   const Scratch scratch{a.scratch + block * backward_scratch_floats_per_block(in, a.segment, a.num_segments),
                         line_floats, lines};
-  const int64_t seg_line0 = a.num_segments;              // recomputed lines of the current segment
+  const int64_t seg_line0 = a.num_segments;               // recomputed lines of the current segment
   const int64_t roll_line0 = a.num_segments + a.segment;  // two rolling lines of phase A
 
   const T* xp = static_cast<const T*>(in.x);
@@ -396,8 +398,8 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
       const int64_t s1 = s0 + a.segment < g.length ? s0 + a.segment : g.length;
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t prev_line = s == s0 ? seg : seg_line0 + (s - 1 - s0);  // checkpoint `seg` unused at s = 0
-        recompute_line<T>(in, t, g, slot, s, scratch.h(prev_line), scratch.h(seg_line0 + s - s0),
-                          scratch.z(prev_line), scratch.z(seg_line0 + s - s0));
+        recompute_line<T>(in, t, g, slot, s, scratch.h(prev_line), scratch.h(seg_line0 + s - s0), scratch.z(prev_line),
+                          scratch.z(seg_line0 + s - s0));
         __syncthreads();
       }
       for (int64_t s = s1 - 1; s >= s0; --s) {
@@ -421,8 +423,8 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
           const float xv = load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
           const float lv = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
           const float gy = load_float(gyp + offset4(a.grad_y_stride, t.b, y, x, t.c));
-          const int64_t u_off = t.b * in.u_stride[0] + y * in.u_stride[1] + x * in.u_stride[2] +
-                                d * in.u_stride[3] + t.c * in.u_stride[4];
+          const int64_t u_off = t.b * in.u_stride[0] + y * in.u_stride[1] + x * in.u_stride[2] + d * in.u_stride[3] +
+                                t.c * in.u_stride[4];
           const float uv = up != nullptr ? load_float(up + u_off) : 1.f;
           const float h = hc[e];
 
@@ -476,11 +478,11 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
               // p_k = sig_k / S over the valid k: dL/dsig_j = (gp_j - sum_k gp_k p_k) / S, zero when dropped.
               const float dsig = gate_valid(k, r, g.rows) ? (gp[k] - dot) * w.inv_sum : 0.f;
               const float dlogit = dsig * w.sig[k] * (1.f - w.sig[k]);
-              float* dst = a.grad_gate + gate_base + k * in.gate_channels;
+              const int64_t gate_idx = gate_base + k * in.gate_channels;
               if (shared_gates) {
-                if (dlogit != 0.f) atomicAdd(dst, dlogit);
+                if (dlogit != 0.f) atomicAdd(static_cast<float*>(a.grad_gate) + gate_idx, dlogit);
               } else {
-                *dst = dlogit;
+                static_cast<T*>(a.grad_gate)[gate_idx] = store_value<T>(dlogit);
               }
               out_h[k * line_floats + e] = w.p[k] * dh;
               if (in.normalize) out_z[k * line_floats + e] = w.p[k] * dz;
@@ -488,7 +490,7 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
           } else {
 #pragma unroll
             for (int k = 0; k < kNumGates; ++k) {
-              if (!shared_gates) a.grad_gate[gate_base + k * in.gate_channels] = 0.f;
+              if (!shared_gates) static_cast<T*>(a.grad_gate)[gate_base + k * in.gate_channels] = store_value<T>(0.f);
               out_h[k * line_floats + e] = 0.f;
               if (in.normalize) out_z[k * line_floats + e] = 0.f;
             }
@@ -515,8 +517,9 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
           if (up != nullptr) {
             const float gu = gy * merge_c * q;
             if (a.u_per_direction) {
-              static_cast<T*>(a.grad_u)[(((t.b * in.height + y) * in.width + x) * kNumDirections + d) *
-                                            in.channels + t.c] = store_value<T>(gu);
+              static_cast<T*>(
+                  a.grad_u)[(((t.b * in.height + y) * in.width + x) * kNumDirections + d) * in.channels + t.c] =
+                  store_value<T>(gu);
             } else {
               const float acc = first ? gu : a.accum_u[idx] + gu;
               if (last) {

@@ -16,6 +16,8 @@
 #include <thread>
 #include <vector>
 
+#include "../gspn_ops.h"
+
 namespace gspn_emulation {
 
 thread_local uint3 thread_idx;
@@ -47,8 +49,8 @@ inline float atomic_add(float* address, float value) {
 #define __syncthreads() ::gspn_emulation::sync_block()
 #define atomicAdd(address, value) ::gspn_emulation::atomic_add(address, value)
 
+// The kernel source, compiled under the definitions above (torch's headers come first, untouched by them).
 #include "../gspn_scan_kernel.cuh"
-#include "../gspn_ops.h"
 
 namespace {
 
