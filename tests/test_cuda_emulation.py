@@ -128,19 +128,19 @@ def test_strided_scalar_merge(emu):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("chunk_size", [None, 2])
-def test_single_direction_matches_reference(emu, direction, chunk_size):
+@pytest.mark.parametrize("chunk_size,tile", [(None, 2), (2, 1)])
+def test_single_direction_matches_reference(emu, direction, chunk_size, tile):
     gen = torch.Generator().manual_seed(3)
     x, lam = rand(gen, 2, 6, 9, 6), rand(gen, 2, 6, 9, 6, low=0.1, high=1.0)
     gates = rand(gen, 2, 6, 9, 3, 3, low=-3.0, high=3.0)
     grad_h = torch.randn(2, 6, 9, 6, generator=gen)
     d = DIRECTIONS.index(direction)
-    h = emu.scan_forward(x, lam, gates, d, chunk_size or 0, 2)
+    h = emu.scan_forward(x, lam, gates, d, chunk_size or 0, tile)
     leaves = [t.double().requires_grad_() for t in (x, lam, gates)]
     expected = gspn_scan_reference(*leaves, direction, chunk_size)
     expected.backward(grad_h.double())
     assert rel_error(h, expected.detach()) <= FWD_TOL[torch.float32]
-    for got, leaf in zip(emu.scan_backward(grad_h, x, lam, gates, d, chunk_size or 0, 2), leaves, strict=True):
+    for got, leaf in zip(emu.scan_backward(grad_h, x, lam, gates, d, chunk_size or 0, tile), leaves, strict=True):
         assert rel_error(got, leaf.grad) <= GRAD_TOL[torch.float32]
 
 
@@ -174,3 +174,57 @@ def test_bad_inputs_raise_clear_errors(emu):
         emu.scan_forward(args[0], args[1], torch.zeros(1, 3, 4, 3, 3), 0, 0, 0)
     with pytest.raises(RuntimeError, match="tile must be a power of two"):
         emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 0, 0, 3)
+    long = torch.ones(1, 30000, 1, 1)  # a 30000-position line needs 240 KB of shared memory
+    with pytest.raises(RuntimeError, match="does not fit in shared memory.*GSPN_DIFFUSERS_BACKEND=reference"):
+        emu.scan_forward(long, long, torch.zeros(1, 30000, 1, 3, 1), 0, 0, 0)
+
+
+def test_autograd_functions_on_the_emulated_kernels(emu, monkeypatch):
+    """The autograd layer of ops/cuda.py (saved tensors, gradient order, None for absent skip) on the emulation."""
+    from gspn_diffusers.ops import cuda
+
+    monkeypatch.setattr(cuda, "_extension", emu)
+    case = fused_case(2, 4, 5, 6, 3, skip=False)
+    leaves = {k: v.clone().requires_grad_() for k, v in case.items() if v is not None}
+    ref_leaves = {k: v.double().requires_grad_() for k, v in case.items() if v is not None}
+    out = cuda.kernel_scan_fused(*leaves.values(), None, 2, True)
+    expected = gspn_scan_fused_reference(*ref_leaves.values(), None, 2, True)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    out.backward(grad)
+    expected.backward(grad.double())
+    assert rel_error(out.detach(), expected.detach()) <= FWD_TOL[torch.float32]
+    for name, leaf in leaves.items():
+        assert rel_error(leaf.grad, ref_leaves[name].grad) <= GRAD_TOL[torch.float32], name
+
+    x, lam, gates = (case[k].clone().requires_grad_() for k in ("x", "lam", "gates"))
+    h = cuda.kernel_scan(x, lam, gates[:, :, :, 1], "right_to_left", 3)
+    h.backward(grad)
+    refs = [t.detach().double().requires_grad_() for t in (case["x"], case["lam"], case["gates"][:, :, :, 1])]
+    gspn_scan_reference(*refs, "right_to_left", 3).backward(grad.double())
+    for got, ref in zip((x.grad, lam.grad, gates.grad[:, :, :, 1]), refs, strict=True):
+        assert rel_error(got, ref.grad) <= GRAD_TOL[torch.float32]
+
+
+@pytest.fixture
+def small_shared_memory(emu):
+    """2000 bytes per block: a 40-position line fits the forward (640 B) but not the backward (2176 B)."""
+    emu.set_shared_memory_per_block(2000)
+    yield
+    emu.set_shared_memory_per_block(227 * 1024)
+
+
+def test_backward_falls_back_where_the_line_is_too_long(emu, monkeypatch, small_shared_memory):
+    """A line that fits the forward's shared memory but not the backward's: the gradients come from the reference."""
+    from gspn_diffusers.ops import cuda
+
+    monkeypatch.setattr(cuda, "_extension", emu)
+    monkeypatch.setattr(cuda, "_warned", set())
+    case = fused_case(1, 40, 1, 1, 1, u_per_direction=False)
+    leaves = [v.clone().requires_grad_() for v in case.values()]
+    out = cuda.kernel_scan_fused(*leaves, None, True)
+    with pytest.warns(UserWarning, match="does not fit in shared memory"):
+        out.sum().backward()
+    refs = [v.double().requires_grad_() for v in case.values()]
+    gspn_scan_fused_reference(*refs, None, True).sum().backward()
+    for leaf, ref in zip(leaves, refs, strict=True):
+        assert rel_error(leaf.grad, ref.grad) <= GRAD_TOL[torch.float32]

@@ -109,8 +109,11 @@ void emulated_backward(at::ScalarType dtype, const gspn::ScanInputs& in, const g
   }
 }
 
-// An H100-like device, so the work split (tile, threads) follows the same heuristic as on the GPU.
-DeviceLimits emulated_limits() { return DeviceLimits{227 * 1024, 228 * 1024, 2048, 132}; }
+// An H100-like device, so the work split (tile, threads) follows the same heuristic as on the GPU. Tests can
+// lower the shared memory per block to reach the "line too long" path with small inputs.
+size_t shared_per_block = 227 * 1024;
+
+DeviceLimits emulated_limits() { return DeviceLimits{shared_per_block, 228 * 1024, 2048, 132}; }
 
 const Device kEmulated{false, &emulated_limits, &emulated_forward, &emulated_backward};
 
@@ -123,4 +126,7 @@ struct NoGuard {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Host emulation of the GSPN CUDA kernels (tests only; CPU tensors; slow).";
   define_ops<NoGuard>(m, kEmulated);
+  m.def(
+      "set_shared_memory_per_block", [](int64_t bytes) { shared_per_block = static_cast<size_t>(bytes); },
+      "Shared memory per block of the emulated device (default 227 KiB, an H100).", pybind11::arg("bytes"));
 }

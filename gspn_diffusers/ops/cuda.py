@@ -137,10 +137,16 @@ class _ScanFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         x, lam, gate_logits = ctx.saved_tensors
-        grad_x, grad_lam, grad_gates = _extension.scan_backward(
-            grad_h, x, lam, gate_logits, ctx.direction, ctx.chunk, _tile()
-        )
-        return grad_x, grad_lam, grad_gates, None, None
+        try:
+            grads = _extension.scan_backward(grad_h, x, lam, gate_logits, ctx.direction, ctx.chunk, _tile())
+        except RuntimeError as error:
+            if not _line_too_long(error):
+                raise
+            chunk = ctx.chunk or None
+            grads = _reference_grads(
+                lambda *a: gspn_scan_reference(*a, DIRECTIONS[ctx.direction], chunk), (x, lam, gate_logits), grad_h
+            )
+        return *grads, None, None
 
 
 class _FusedScanFunction(torch.autograd.Function):
@@ -153,13 +159,34 @@ class _FusedScanFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, lam, gate_logits, u, merge, skip = ctx.saved_tensors
-        grads = _extension.fused_backward(
-            grad_y, x, lam, gate_logits, u, merge, skip, ctx.chunk, ctx.normalize, ctx.eps, _tile()
-        )
+        try:
+            grads = _extension.fused_backward(
+                grad_y, x, lam, gate_logits, u, merge, skip, ctx.chunk, ctx.normalize, ctx.eps, _tile()
+            )
+        except RuntimeError as error:
+            if not _line_too_long(error):
+                raise
+            chunk = ctx.chunk or None
+            inputs = (x, lam, gate_logits, u, merge) + ((skip,) if skip is not None else ())
+            grads = _reference_grads(
+                lambda *a: gspn_scan_fused_reference(
+                    *a[:5], a[5] if len(a) > 5 else None, chunk, ctx.normalize, ctx.eps
+                ),
+                inputs,
+                grad_y,
+            )
+            grads = (*grads, None) if skip is None else grads
         grad_x, grad_lam, grad_gates, grad_u, grad_merge, grad_skip = grads
         if skip is None:
             grad_skip = None
         return grad_x, grad_lam, grad_gates, grad_u, grad_merge, grad_skip, None, None, None
+
+
+def _reference_grads(fn, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients of the reference op (a backward whose scan line is too long for the kernel's shared memory)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        return torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
 
 def kernel_scan(x, lam, gate_logits, direction: str, chunk_size: int | None = None) -> torch.Tensor:
@@ -245,17 +272,35 @@ def _kernel_applies(x: torch.Tensor, *others: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in SUPPORTED_DTYPES and same and load_extension() is not None
 
 
+def _line_too_long(error: RuntimeError) -> bool:
+    """The one kernel limit a valid input can hit: a scan line longer than shared memory holds (~14K positions)."""
+    if "does not fit in shared memory" not in str(error):
+        return False
+    if "line" not in _warned:
+        _warned.add("line")
+        warnings.warn(f"{error} Running the PyTorch reference for such sizes.", stacklevel=4)
+    return True
+
+
 def cuda_scan(x, lam, gate_logits, direction: str, chunk_size: int | None = None) -> torch.Tensor:
     """:func:`gspn_scan_reference` computed by the kernel where it applies and passed its self-check."""
     if _kernel_applies(x, lam, gate_logits) and _verified(x, False, False, chunk_size):
-        return kernel_scan(x, lam, gate_logits, direction, chunk_size)
+        try:
+            return kernel_scan(x, lam, gate_logits, direction, chunk_size)
+        except RuntimeError as error:
+            if not _line_too_long(error):
+                raise
     return gspn_scan_reference(x, lam, gate_logits, direction, chunk_size)
 
 
 def cuda_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, normalize=False, eps=1e-6):
     """:func:`gspn_scan_fused_reference` computed by the kernel where it applies and passed its self-check."""
     if _kernel_applies(x, lam, gate_logits, u) and _verified(x, True, normalize, chunk_size):
-        return kernel_scan_fused(x, lam, gate_logits, u, merge, skip, chunk_size, normalize, eps)
+        try:
+            return kernel_scan_fused(x, lam, gate_logits, u, merge, skip, chunk_size, normalize, eps)
+        except RuntimeError as error:
+            if not _line_too_long(error):
+                raise
     return gspn_scan_fused_reference(x, lam, gate_logits, u, merge, skip, chunk_size, normalize, eps)
 
 
