@@ -253,6 +253,8 @@ def _verified(x: torch.Tensor, fused: bool, normalize: bool, chunk_size: int | N
     if requested_backend() == "cuda":
         return True
     key = (x.device, x.dtype, fused, normalize, chunk_size is not None)
+    if key not in _self_checks and torch.cuda.is_current_stream_capturing():
+        return False  # no self-check (it synchronises) inside CUDA graph capture: the reference is captured
     if key not in _self_checks:
         problem = self_check(x.device, x.dtype, fused, normalize, chunk_size)
         _self_checks[key] = not problem
