@@ -1,9 +1,9 @@
 """GSPN operators: the public entry points, dispatching to a backend.
 
 ``gspn_scan`` is the single-direction operator of DESIGN.md section 1 and ``gspn_scan_fused`` the
-four-direction scan with merge. Both currently run the pure-PyTorch reference on every device;
-``backend.py`` is where a compiled kernel registers itself and where
-``GSPN_DIFFUSERS_BACKEND=reference|cuda|auto`` is read.
+four-direction scan with merge. CPU tensors run the pure-PyTorch reference; CUDA tensors run the CUDA
+kernel of ``csrc/`` (``cuda.py``, built on first use) where it is available and passed its self-check.
+``backend.py`` reads ``GSPN_DIFFUSERS_BACKEND=auto|reference|cuda``.
 """
 
 from __future__ import annotations

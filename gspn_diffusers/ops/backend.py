@@ -4,16 +4,17 @@ A backend is a pair of callables with the signatures of the reference functions.
 is always registered; a compiled backend registers itself under its name (``"cuda"``) when its
 extension is importable. ``GSPN_DIFFUSERS_BACKEND`` chooses:
 
-- ``auto`` (default): the CUDA backend for CUDA tensors when it is registered, else the reference;
+- ``auto`` (default): for CUDA tensors the CUDA backend (built on first use), which runs the kernel
+  once a one-time self-check against the reference passed for that dtype and mode, else the reference;
 - ``reference``: always the reference;
-- ``cuda``: the CUDA backend for CUDA tensors; if it is not available a warning says why and the
-  reference runs instead, so a pipeline never crashes because a kernel failed to build.
+- ``cuda``: the CUDA kernel for CUDA tensors, without the self-check.
+If the kernel cannot be built or imported a warning says why and the reference runs instead, so a
+pipeline never crashes because a kernel failed to build. CPU tensors always run the reference.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +35,6 @@ class Backend:
 
 REFERENCE = Backend("reference", gspn_scan_reference, gspn_scan_fused_reference)
 _registry: dict[str, Backend] = {"reference": REFERENCE}
-_warned: set[str] = set()
 
 
 def register_backend(backend: Backend) -> None:
@@ -54,14 +54,12 @@ def resolve_backend(example: torch.Tensor) -> Backend:
     choice = requested_backend()
     if choice == "reference" or not example.is_cuda:
         return REFERENCE
-    cuda = _registry.get("cuda")
-    if cuda is not None:
-        return cuda
-    if choice == "cuda" and "cuda" not in _warned:
-        _warned.add("cuda")
-        warnings.warn(
-            f"{ENV_VAR}=cuda was requested but no compiled GSPN CUDA kernel is available in this install; "
-            "running the PyTorch reference instead.",
-            stacklevel=3,
-        )
-    return REFERENCE
+    cuda = _registry.get("cuda") or _load_cuda_backend()
+    return REFERENCE if cuda is None else cuda
+
+
+def _load_cuda_backend() -> Backend | None:
+    """Build or import the kernel on first use with a CUDA tensor (it warns and returns None if it cannot)."""
+    from .cuda import cuda_backend
+
+    return cuda_backend()

@@ -1,0 +1,14 @@
+// The GSPN scan kernels for fp32 storage (fp32 accumulation). One file per dtype so ninja compiles them in parallel.
+#include "gspn_scan_kernel.cuh"
+
+namespace gspn {
+
+void forward_fp32(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
+  launch_forward<float>(in, out, stream);
+}
+
+void backward_fp32(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
+  launch_backward<float>(in, args, stream);
+}
+
+}  // namespace gspn

@@ -1,0 +1,373 @@
+// Tensor-level logic of the GSPN ops, shared by the CUDA binding (gspn_binding.cpp) and the host emulation
+// (emulation/gspn_emulation.cpp): checks every input, fills the plain parameter structs, allocates outputs and
+// scratch, picks the work split, and calls the Device's launcher. Included by exactly one file per module.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "gspn_params.h"
+
+namespace gspn_ops {
+
+using at::Tensor;
+
+constexpr int kMaxThreads = 512;  // matches __launch_bounds__ of the kernels
+// Registers per thread (ptxas -v at sm_80/sm_90 reports 84 forward, 114 backward; rounded up), for occupancy.
+constexpr int64_t kForwardRegisters = 96;
+constexpr int64_t kBackwardRegisters = 128;
+constexpr int64_t kRegistersPerSm = 65536;  // every architecture from sm_80 to sm_90
+
+struct DeviceLimits {
+  size_t shared_per_block;  // opt-in maximum of dynamic shared memory per block
+  size_t shared_per_sm;
+  int64_t threads_per_sm;
+  int64_t sms;
+};
+
+// Where the kernels run: the CUDA device (gspn_binding.cpp) or the host emulation (emulation/).
+struct Device {
+  bool cuda;  // inputs must be CUDA tensors
+  DeviceLimits (*limits)();
+  void (*forward)(at::ScalarType, const gspn::ScanInputs&, const gspn::ScanForwardOutputs&);
+  void (*backward)(at::ScalarType, const gspn::ScanInputs&, const gspn::ScanBackwardArgs&);
+};
+
+void check_same(const Tensor& t, const Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "GSPN CUDA kernel: ", name, " is on ", t.device(), " but x is on ", x.device(),
+              ".");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "GSPN CUDA kernel: ", name, " has dtype ", t.scalar_type(),
+              " but x has ", x.scalar_type(), "; pass all tensors in one dtype.");
+}
+
+void check_shape(const Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, "GSPN CUDA kernel: ", name, " must have shape ", expected, ", got ", t.sizes(),
+              ".");
+}
+
+// x, lam: (B, H, W, C) with any strides (Diffusers' channels-last views are read in place).
+void check_image_inputs(const Device& device, const Tensor& x, const Tensor& lam) {
+  TORCH_CHECK(x.is_cuda() == device.cuda, "GSPN CUDA kernel: x must be a ", device.cuda ? "CUDA" : "CPU",
+              " tensor (got ", x.device(), ").");
+  TORCH_CHECK(x.dim() == 4, "GSPN CUDA kernel: x must be (B, H, W, C), got ", x.sizes(), ".");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "GSPN CUDA kernel: dtype ", dtype,
+              " is not supported (use float32, float16 or bfloat16).");
+  check_same(lam, x, "lam");
+  check_shape(lam, x.sizes(), "lam");
+  TORCH_CHECK(x.size(0) <= 65535, "GSPN CUDA kernel: batch ", x.size(0), " exceeds 65535; split the batch.");
+}
+
+void copy_strides(const Tensor& t, int64_t* out) {
+  for (int64_t i = 0; i < t.dim(); ++i) out[i] = t.stride(i);
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Channels per block: the widest tile whose shared memory fits, preferring one wave of blocks over several
+// (cost = waves * tile, ties to the wider tile for coalescing). `requested` > 0 forces a tile (tuning).
+void choose_work_split(const Device& device, gspn::ScanInputs& in, bool backward, int64_t requested,
+                       int64_t element_size) {
+  const DeviceLimits limits = device.limits();
+  // One 32-byte sector of channels per pixel at most: 8 fp32 or 16 half-precision channels.
+  const int64_t widest = requested > 0 ? requested : 32 / element_size;
+  TORCH_CHECK(widest >= 1 && widest <= 16 && (widest & (widest - 1)) == 0,
+              "GSPN CUDA kernel: tile must be a power of two in [1, 16], got ", widest, ".");
+  int best_tile = 0, best_threads = 0;
+  int64_t best_cost = 0;
+  for (int64_t tile = widest; tile >= (requested > 0 ? widest : 1); tile /= 2) {
+    in.tile = static_cast<int>(tile);
+    const int64_t threads = std::max<int64_t>(32, round_up(gspn::max_rows(in) * tile, 32));
+    in.threads = static_cast<int>(std::min<int64_t>(kMaxThreads, threads));
+    const size_t bytes = backward ? gspn::backward_shared_bytes(in) : gspn::forward_shared_bytes(in);
+    if (bytes > limits.shared_per_block) continue;
+    const int64_t by_smem = static_cast<int64_t>(limits.shared_per_sm / std::max<size_t>(bytes, 1));
+    const int64_t by_threads = limits.threads_per_sm / in.threads;
+    const int64_t by_registers = kRegistersPerSm / (in.threads * (backward ? kBackwardRegisters : kForwardRegisters));
+    const int64_t per_wave = std::max<int64_t>(1, std::min({by_smem, by_threads, by_registers})) * limits.sms;
+    const int64_t blocks = in.batch * ((in.channels + tile - 1) / tile);
+    const int64_t cost = (blocks + per_wave - 1) / per_wave * tile;
+    if (best_tile == 0 || cost < best_cost) {
+      best_tile = in.tile;
+      best_threads = in.threads;
+      best_cost = cost;
+    }
+  }
+  TORCH_CHECK(best_tile > 0, "GSPN CUDA kernel: a scan line of ", gspn::max_rows(in),
+              " positions does not fit in shared memory (", limits.shared_per_block,
+              " bytes per block on this GPU); use GSPN_DIFFUSERS_BACKEND=reference for this size.");
+  in.tile = best_tile;
+  in.threads = best_threads;
+}
+
+// Fills the inputs shared by forward and backward. gate is 6-D (B, H, W, slots, 3, G); u is 5-D
+// (B, H, W, 4 or expanded, C) or undefined; merge and skip share one dtype (fp32 or x's) or are undefined.
+gspn::ScanInputs make_inputs(const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u,
+                             const Tensor& merge, const Tensor& skip, int64_t chunk, int dir_begin, int dir_end,
+                             bool normalize, double eps) {
+  TORCH_CHECK(chunk >= 0, "GSPN CUDA kernel: chunk must be 0 (global) or positive, got ", chunk, ".");
+  gspn::ScanInputs in{};
+  in.batch = x.size(0);
+  in.height = x.size(1);
+  in.width = x.size(2);
+  in.channels = x.size(3);
+  in.gate_channels = gate.size(5);
+  TORCH_CHECK(in.gate_channels > 0 && in.channels % in.gate_channels == 0, "GSPN CUDA kernel: gate channels ",
+              in.gate_channels, " must divide the channels ", in.channels, ".");
+  in.chunk = chunk;
+  in.dir_begin = dir_begin;
+  in.dir_end = dir_end;
+  in.normalize = normalize;
+  in.eps = static_cast<float>(eps);
+  in.x = x.data_ptr();
+  in.lam = lam.data_ptr();
+  in.gate = gate.data_ptr();
+  copy_strides(x, in.x_stride);
+  copy_strides(lam, in.lam_stride);
+  copy_strides(gate, in.gate_stride);
+  in.gate_slot_is_direction = gate.size(3) == gspn::kNumDirections;
+  if (u.defined()) {
+    in.u = u.data_ptr();
+    copy_strides(u, in.u_stride);
+  }
+  in.params_are_float = !merge.defined() || merge.scalar_type() == at::kFloat;  // skip has merge's dtype
+  if (merge.defined()) {
+    in.merge = merge.data_ptr();
+    in.merge_stride[0] = merge.stride(0);
+    in.merge_stride[1] = merge.dim() == 2 ? merge.stride(1) : 0;
+  }
+  if (skip.defined()) {
+    in.skip = skip.data_ptr();
+    in.skip_stride = skip.stride(0);
+  }
+  return in;
+}
+
+// Fused-op inputs: gate (B, H, W, 4, 3, G); u (B, H, W, C) shared or (B, H, W, 4, C); merge (4,) or (4, C);
+// skip (C,) or None. Returns u as a 5-D view (stride 0 over the directions when shared), merge/skip in one dtype.
+struct FusedArgs {
+  Tensor u5, merge, skip;
+  bool u_per_direction;
+};
+
+FusedArgs check_fused(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u,
+                      const Tensor& merge, const std::optional<Tensor>& skip) {
+  check_image_inputs(device, x, lam);
+  const int64_t b = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
+  check_same(gate, x, "gate_logits");
+  TORCH_CHECK(gate.dim() == 6 && gate.size(0) == b && gate.size(1) == h && gate.size(2) == w &&
+                  gate.size(3) == gspn::kNumDirections && gate.size(4) == gspn::kNumGates,
+              "GSPN CUDA kernel: fused gate_logits must be (B, H, W, 4, 3, G), got ", gate.sizes(), ".");
+  check_same(u, x, "u");
+  FusedArgs out;
+  out.u_per_direction = u.dim() == 5;
+  if (out.u_per_direction) {
+    check_shape(u, {b, h, w, gspn::kNumDirections, c}, "u");
+    out.u5 = u;
+  } else {
+    check_shape(u, x.sizes(), "u");
+    out.u5 = u.unsqueeze(3).expand({b, h, w, gspn::kNumDirections, c});
+  }
+  TORCH_CHECK(merge.device() == x.device(), "GSPN CUDA kernel: merge must be on ", x.device(), ".");
+  TORCH_CHECK((merge.dim() == 1 && merge.size(0) == gspn::kNumDirections) ||
+                  (merge.dim() == 2 && merge.size(0) == gspn::kNumDirections && merge.size(1) == c),
+              "GSPN CUDA kernel: merge must be (4,) or (4, C), got ", merge.sizes(), ".");
+  // merge and skip are read in x's dtype when both have it (no cast launch), else both as fp32.
+  const bool native = merge.scalar_type() == x.scalar_type() &&
+                      (!skip.has_value() || !skip->defined() || skip->scalar_type() == x.scalar_type());
+  const auto param_dtype = native ? x.scalar_type() : at::kFloat;
+  out.merge = merge.to(param_dtype);
+  if (skip.has_value() && skip->defined()) {
+    TORCH_CHECK(skip->device() == x.device(), "GSPN CUDA kernel: skip must be on ", x.device(), ".");
+    check_shape(*skip, {c}, "skip");
+    out.skip = skip->to(param_dtype);
+  }
+  return out;
+}
+
+Tensor check_single(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction) {
+  check_image_inputs(device, x, lam);
+  TORCH_CHECK(direction >= 0 && direction < gspn::kNumDirections, "GSPN CUDA kernel: direction index ", direction,
+              " is not in [0, 4).");
+  check_same(gate, x, "gate_logits");
+  TORCH_CHECK(gate.dim() == 5 && gate.size(0) == x.size(0) && gate.size(1) == x.size(1) && gate.size(2) == x.size(2) &&
+                  gate.size(3) == gspn::kNumGates,
+              "GSPN CUDA kernel: gate_logits must be (B, H, W, 3, G), got ", gate.sizes(), ".");
+  return gate.unsqueeze(3);  // one direction slot
+}
+
+Tensor run_forward(const Device& device, const Tensor& x, gspn::ScanInputs in, int64_t tile) {
+  Tensor y = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return y;
+  choose_work_split(device, in, /*backward=*/false, tile, x.element_size());
+  Tensor accum;
+  gspn::ScanForwardOutputs out{};
+  out.y = y.data_ptr();
+  if (in.dir_end - in.dir_begin > 1) {
+    accum = x.scalar_type() == at::kFloat ? y : at::empty(x.sizes(), x.options().dtype(at::kFloat));
+    out.accum = accum.data_ptr<float>();
+  }
+  device.forward(x.scalar_type(), in, out);
+  return y;
+}
+
+// Backward outputs common to both ops; returns {grad_x, grad_lam, grad_gate (6-D), grad_u, merge part,
+// skip part}.
+std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, const Tensor& x, gspn::ScanInputs in,
+                                 bool u_per_direction, int64_t slots, int64_t tile) {
+  check_same(grad_y, x, "grad_output");
+  check_shape(grad_y, x.sizes(), "grad_output");
+  const auto f32 = x.options().dtype(at::kFloat);
+  const bool many = in.dir_end - in.dir_begin > 1;
+  const bool is_float = x.scalar_type() == at::kFloat;
+  Tensor grad_x = at::empty(x.sizes(), x.options());
+  Tensor grad_lam = at::empty(x.sizes(), x.options());
+  // Gates shared by channel groups are summed atomically in fp32; per-channel gates are written once, directly.
+  const std::vector<int64_t> gate_shape{in.batch, in.height, in.width, slots, gspn::kNumGates, in.gate_channels};
+  Tensor grad_gate = in.gate_channels != in.channels ? at::zeros(gate_shape, f32) : at::empty(gate_shape, x.options());
+  Tensor grad_u, merge_part, skip_part;
+  if (in.u != nullptr) {
+    grad_u = u_per_direction
+                 ? at::empty({in.batch, in.height, in.width, gspn::kNumDirections, in.channels}, x.options())
+                 : at::empty(x.sizes(), x.options());
+  }
+  if (in.merge != nullptr) merge_part = at::zeros({in.batch, gspn::kNumDirections, in.channels}, f32);
+  if (in.skip != nullptr) skip_part = at::zeros({in.batch, in.channels}, f32);
+  if (x.numel() == 0) {
+    grad_x.zero_();
+    grad_lam.zero_();
+    grad_gate.zero_();
+    if (grad_u.defined()) grad_u.zero_();
+    return {grad_x, grad_lam, grad_gate, grad_u, merge_part, skip_part};
+  }
+  choose_work_split(device, in, /*backward=*/true, tile, x.element_size());
+
+  gspn::ScanBackwardArgs args{};
+  args.grad_y = grad_y.data_ptr();
+  copy_strides(grad_y, args.grad_y_stride);
+  args.grad_x = grad_x.data_ptr();
+  args.grad_lam = grad_lam.data_ptr();
+  Tensor accum_x, accum_lam, accum_u;
+  if (many) {
+    accum_x = is_float ? grad_x : at::empty(x.sizes(), f32);
+    accum_lam = is_float ? grad_lam : at::empty(x.sizes(), f32);
+    args.accum_x = accum_x.data_ptr<float>();
+    args.accum_lam = accum_lam.data_ptr<float>();
+  }
+  args.u_per_direction = u_per_direction;
+  if (grad_u.defined()) {
+    args.grad_u = grad_u.data_ptr();
+    if (!u_per_direction && many) {
+      accum_u = is_float ? grad_u : at::empty(x.sizes(), f32);
+      args.accum_u = accum_u.data_ptr<float>();
+    }
+  }
+  args.grad_gate = grad_gate.data_ptr();
+  if (merge_part.defined()) args.grad_merge_part = merge_part.data_ptr<float>();
+  if (skip_part.defined()) args.grad_skip_part = skip_part.data_ptr<float>();
+
+  const int64_t length = gspn::max_rows(in);  // max(H, W) bounds every direction's scan length
+  args.segment = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(length)))));
+  args.num_segments = (length + args.segment - 1) / args.segment;
+  const int64_t blocks = in.batch * ((in.channels + in.tile - 1) / in.tile);
+  Tensor scratch =
+      at::empty({blocks * gspn::backward_scratch_floats_per_block(in, args.segment, args.num_segments)}, f32);
+  args.scratch = scratch.data_ptr<float>();
+  device.backward(x.scalar_type(), in, args);
+  return {grad_x, grad_lam, grad_gate, grad_u, merge_part, skip_part};
+}
+
+// ---- Python entry points -----------------------------------------------------------------------------------
+
+Tensor fused_forward(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u,
+                     const Tensor& merge, const std::optional<Tensor>& skip, int64_t chunk, bool normalize, double eps,
+                     int64_t tile) {
+  const FusedArgs f = check_fused(device, x, lam, gate, u, merge, skip);
+  return run_forward(device, x,
+                     make_inputs(x, lam, gate, f.u5, f.merge, f.skip, chunk, 0, gspn::kNumDirections, normalize, eps),
+                     tile);
+}
+
+// Returns {grad_x, grad_lam, grad_gate, grad_u, grad_merge, grad_skip (undefined without skip)}.
+std::vector<Tensor> fused_backward(const Device& device, const Tensor& grad_y, const Tensor& x, const Tensor& lam,
+                                   const Tensor& gate, const Tensor& u, const Tensor& merge,
+                                   const std::optional<Tensor>& skip, int64_t chunk, bool normalize, double eps,
+                                   int64_t tile) {
+  const FusedArgs f = check_fused(device, x, lam, gate, u, merge, skip);
+  gspn::ScanInputs in =
+      make_inputs(x, lam, gate, f.u5, f.merge, f.skip, chunk, 0, gspn::kNumDirections, normalize, eps);
+  auto g = run_backward(device, grad_y, x, in, f.u_per_direction, gspn::kNumDirections, tile);
+  Tensor grad_merge = g[4].sum(0);  // (4, C)
+  if (merge.dim() == 1) grad_merge = grad_merge.sum(1);
+  Tensor grad_skip;
+  if (f.skip.defined()) grad_skip = g[5].sum(0).to(skip->scalar_type());
+  return {g[0], g[1], g[2].to(gate.scalar_type()), g[3], grad_merge.to(merge.scalar_type()), grad_skip};
+}
+
+Tensor scan_forward(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction,
+                    int64_t chunk, int64_t tile) {
+  const Tensor gate6 = check_single(device, x, lam, gate, direction);
+  const int d = static_cast<int>(direction);
+  return run_forward(device, x, make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0),
+                     tile);
+}
+
+// Returns {grad_x, grad_lam, grad_gate}.
+std::vector<Tensor> scan_backward(const Device& device, const Tensor& grad_h, const Tensor& x, const Tensor& lam,
+                                  const Tensor& gate, int64_t direction, int64_t chunk, int64_t tile) {
+  const Tensor gate6 = check_single(device, x, lam, gate, direction);
+  const int d = static_cast<int>(direction);
+  gspn::ScanInputs in = make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0);
+  auto g = run_backward(device, grad_h, x, in, false, 1, tile);
+  return {g[0], g[1], g[2].squeeze(3).to(gate.scalar_type())};
+}
+
+// Registers the ops of `device` on a Python module; a `Guard` built from x.device() is held around each call.
+template <typename Guard>
+void define_ops(pybind11::module& m, const Device& device) {
+  namespace py = pybind11;
+  m.def(
+      "fused_forward",
+      [&device](const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u, const Tensor& merge,
+                const std::optional<Tensor>& skip, int64_t chunk, bool normalize, double eps, int64_t tile) {
+        const Guard guard(x.device());
+        return fused_forward(device, x, lam, gate, u, merge, skip, chunk, normalize, eps, tile);
+      },
+      "Four-direction scan, merged (B, H, W, C).", py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("u"),
+      py::arg("merge"), py::arg("skip"), py::arg("chunk"), py::arg("normalize"), py::arg("eps"), py::arg("tile") = 0);
+  m.def(
+      "fused_backward",
+      [&device](const Tensor& grad_y, const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u,
+                const Tensor& merge, const std::optional<Tensor>& skip, int64_t chunk, bool normalize, double eps,
+                int64_t tile) {
+        const Guard guard(x.device());
+        return fused_backward(device, grad_y, x, lam, gate, u, merge, skip, chunk, normalize, eps, tile);
+      },
+      "Gradients of fused_forward: [x, lam, gate_logits, u, merge, skip (None without skip)].", py::arg("grad_y"),
+      py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("u"), py::arg("merge"), py::arg("skip"),
+      py::arg("chunk"), py::arg("normalize"), py::arg("eps"), py::arg("tile") = 0);
+  m.def(
+      "scan_forward",
+      [&device](const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction, int64_t chunk,
+                int64_t tile) {
+        const Guard guard(x.device());
+        return scan_forward(device, x, lam, gate, direction, chunk, tile);
+      },
+      "One-direction scan h (B, H, W, C).", py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("direction"),
+      py::arg("chunk"), py::arg("tile") = 0);
+  m.def(
+      "scan_backward",
+      [&device](const Tensor& grad_h, const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction,
+                int64_t chunk, int64_t tile) {
+        const Guard guard(x.device());
+        return scan_backward(device, grad_h, x, lam, gate, direction, chunk, tile);
+      },
+      "Gradients of scan_forward: [x, lam, gate_logits].", py::arg("grad_h"), py::arg("x"), py::arg("lam"),
+      py::arg("gate_logits"), py::arg("direction"), py::arg("chunk"), py::arg("tile") = 0);
+}
+
+}  // namespace gspn_ops

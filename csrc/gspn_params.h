@@ -1,0 +1,122 @@
+// Plain parameter structs shared by the binding (host C++) and the kernels (CUDA). No torch types here, so the
+// .cu files compile without torch headers.
+//
+// Layout conventions (DESIGN.md section 1): every image tensor is indexed (b, y, x, ...) in image coordinates;
+// strides are in elements and 64-bit, so any view (channels-last from Diffusers, slices, expanded u) is read in
+// place. A direction is only a choice of scan axis, perpendicular axis and sweep order over these strides.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define GSPN_HOST_DEVICE __host__ __device__
+#else
+#define GSPN_HOST_DEVICE
+#endif
+
+namespace gspn {
+
+constexpr int kNumDirections = 4;  // left_to_right, right_to_left, top_to_bottom, bottom_to_top
+constexpr int kNumGates = 3;       // neighbour offsets -1, 0, +1 across the scan
+
+// Inputs of one call, forward or backward. A null pointer means "absent":
+//   u == nullptr     -> u = 1        (single-direction gspn_scan)
+//   merge == nullptr -> merge = 1    (single-direction gspn_scan)
+//   skip == nullptr  -> no skip term
+struct ScanInputs {
+  int64_t batch, height, width, channels, gate_channels;
+  int64_t chunk;           // 0: global scan; k > 0: groups of k lines aligned to image coordinates
+  int dir_begin, dir_end;  // directions handled by this call, [begin, end) in the order above
+  bool normalize;          // divide h by the scan of lam alone (x = 1), clamped at eps
+  float eps;
+
+  const void* x;
+  const void* lam;
+  const void* gate;  // logits
+  const void* u;
+  const void* merge;  // fp32 or the storage dtype, see params_are_float
+  const void* skip;
+  bool params_are_float;    // merge and skip are fp32 (else they have the dtype of x)
+  int64_t x_stride[4];      // b, y, x, c
+  int64_t lam_stride[4];    // b, y, x, c
+  int64_t gate_stride[6];   // b, y, x, direction slot, gate k, gate channel
+  int64_t u_stride[5];      // b, y, x, direction (0 when shared), c
+  int64_t merge_stride[2];  // direction, c (0 when one scalar per direction)
+  int64_t skip_stride;
+  bool gate_slot_is_direction;  // fused op: gate direction slot = direction; single op: slot 0
+
+  // Work split: one block per (channel tile, batch); ``tile`` channels per block, ``threads`` per block.
+  int tile;
+  int threads;
+};
+
+// Forward outputs. y and accum are contiguous (B, H, W, C). accum (fp32) carries the running sum of the
+// direction terms between the directions a block processes in turn; it may alias y when y is fp32.
+struct ScanForwardOutputs {
+  void* y;
+  float* accum;
+};
+
+// Backward: the upstream gradient and the gradients. Image-shaped outputs are contiguous.
+struct ScanBackwardArgs {
+  const void* grad_y;
+  int64_t grad_y_stride[4];  // b, y, x, c
+  void* grad_x;              // (B, H, W, C), input dtype
+  void* grad_lam;            // (B, H, W, C), input dtype
+  float* accum_x;            // fp32 running sums across directions (may alias grad_x/grad_lam when fp32)
+  float* accum_lam;
+  void* grad_u;    // (B, H, W, C) shared or (B, H, W, 4, C) per direction, input dtype; null without u
+  float* accum_u;  // fp32 running sum when u is shared by the directions (may alias grad_u)
+  bool u_per_direction;
+  // (B, H, W, slots, 3, G): G == C: input dtype, every entry written; G < C (gates shared by channel groups):
+  // fp32, zero-initialised, summed atomically.
+  void* grad_gate;
+  float* grad_merge_part;  // fp32 (B, 4, C) per-batch partial sums, null without merge
+  float* grad_skip_part;   // fp32 (B, C) per-batch partial sums, null without skip
+  // Per-block scratch for the recomputation (fp32): checkpoint lines and the lines of one segment.
+  float* scratch;
+  int64_t segment;       // lines per segment (about sqrt of the scan length)
+  int64_t num_segments;  // ceil(max scan length / segment)
+};
+
+GSPN_HOST_DEVICE inline int64_t max_rows(const ScanInputs& in) { return in.height > in.width ? in.height : in.width; }
+
+// Forward: the hidden line (and the normaliser line) of the current and previous step, in shared memory.
+inline size_t forward_shared_bytes(const ScanInputs& in) {
+  return sizeof(float) * 2 * (in.normalize ? 2 : 1) * max_rows(in) * in.tile;
+}
+
+// Backward: the three adjoint contributions a line sends to its neighbours of the previous line (double-buffered,
+// also for the normaliser), plus one float per thread for the block reductions of the merge and skip gradients.
+inline size_t backward_shared_bytes(const ScanInputs& in) {
+  return sizeof(float) * (2 * kNumGates * (in.normalize ? 2 : 1) * max_rows(in) * in.tile + in.threads);
+}
+
+// Scratch lines per block: checkpoints (one per segment), the recomputed lines of one segment, two rolling lines.
+GSPN_HOST_DEVICE inline int64_t backward_scratch_lines(int64_t segment, int64_t num_segments) {
+  return num_segments + segment + 2;
+}
+
+GSPN_HOST_DEVICE inline int64_t backward_scratch_floats_per_block(const ScanInputs& in, int64_t segment,
+                                                                  int64_t num_segments) {
+  return (in.normalize ? 2 : 1) * backward_scratch_lines(segment, num_segments) * max_rows(in) * in.tile;
+}
+
+// One instantiation per storage dtype (gspn_fp32.cu, gspn_fp16.cu, gspn_bf16.cu).
+void forward_fp32(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
+void forward_fp16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
+void forward_bf16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
+void backward_fp32(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
+void backward_fp16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
+void backward_bf16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
+
+// Baseline for the benchmark only: the strategy of the paper's public kernel (one launch per scan line, hidden
+// state in global memory), reimplemented here with fp32 accumulation so that only the strategy differs.
+// h: contiguous (B, H, W, C) output in the input dtype; gate uses the single-direction layout (slot 0).
+void baseline_scan_fp32(const ScanInputs& in, int direction, void* h, cudaStream_t stream);
+void baseline_scan_fp16(const ScanInputs& in, int direction, void* h, cudaStream_t stream);
+void baseline_scan_bf16(const ScanInputs& in, int direction, void* h, cudaStream_t stream);
+
+}  // namespace gspn

@@ -1,0 +1,230 @@
+"""The CUDA kernels' own source, run on the CPU by the host emulation (csrc/emulation/), against the reference.
+
+No GPU needed: ``scripts/check_cuda_build.py`` (run by CI before pytest) compiles the same kernel header with the
+host compiler, every CUDA thread a std::thread, ``__syncthreads`` a barrier. This checks the index math, the
+direction geometry, the chunk starts, the checkpointed reverse sweep, the gate/merge/skip gradients and the
+binding's handling of strides and dtypes. Speed and true GPU behaviour are for tests/test_cuda_kernel.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from gspn_diffusers.ops import DIRECTIONS, gspn_scan_fused_reference, gspn_scan_reference
+from gspn_diffusers.ops.cuda import EMULATION_NAME
+
+BUILD = Path(__file__).resolve().parents[1] / "build" / "cuda_check" / "emulation"
+FWD_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    built = sorted(BUILD.glob(f"{EMULATION_NAME}*.so"))
+    if not built:
+        pytest.skip("the host emulation is not built (python scripts/check_cuda_build.py builds it; needs nvcc)")
+    spec = importlib.util.spec_from_file_location(EMULATION_NAME, built[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.double().abs().max().clamp_min(1e-2)  # gradients that are ~0 analytically
+    return float((got.double() - expected.double()).abs().max() / scale)
+
+
+def rand(gen, *shape, low=-1.0, high=1.0):
+    return torch.rand(*shape, generator=gen) * (high - low) + low
+
+
+def fused_case(b, h, w, c, g, u_per_direction=True, merge_per_channel=True, skip=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "x": rand(gen, b, h, w, c),
+        "lam": rand(gen, b, h, w, c, low=0.1, high=1.0),
+        "gates": rand(gen, b, h, w, 4, 3, g, low=-3.0, high=3.0),
+        "u": rand(gen, b, h, w, 4, c) if u_per_direction else rand(gen, b, h, w, c),
+        "merge": rand(gen, 4, c) if merge_per_channel else rand(gen, 4),
+        "skip": rand(gen, c) if skip else None,
+    }
+
+
+def reference_fused_grads(case, grad_y, chunk_size, normalize):
+    leaves = {k: None if v is None else v.double().requires_grad_() for k, v in case.items()}
+    out = gspn_scan_fused_reference(*leaves.values(), chunk_size=chunk_size, normalize=normalize)
+    out.backward(grad_y.double())
+    return out.detach(), {k: None if v is None else v.grad for k, v in leaves.items()}
+
+
+def check_fused(emu, case, chunk_size, normalize, dtype=torch.float32, tile=0, float_params=False):
+    inputs = {k: None if v is None else v.to(dtype) for k, v in case.items()}
+    if float_params:  # fp32 merge/skip parameters beside low-precision activations
+        inputs["merge"], inputs["skip"] = case["merge"].float(), case["skip"].float()
+    grad_y = torch.randn(case["x"].shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected, grads = reference_fused_grads(
+        {k: None if v is None else v.float() for k, v in inputs.items()}, grad_y.float(), chunk_size, normalize
+    )
+    chunk = chunk_size or 0
+    args = (*inputs.values(), chunk, normalize, 1e-6, tile)
+    y = emu.fused_forward(*args)
+    assert y.dtype == dtype and y.shape == expected.shape
+    errors = {"y": rel_error(y, expected)}
+    got = emu.fused_backward(grad_y, *args)
+    for name, value in zip(inputs, got, strict=True):
+        if grads[name] is None:
+            assert value is None, name
+            continue
+        assert value.shape == grads[name].shape and value.dtype == inputs[name].dtype, name
+        errors[f"grad {name}"] = rel_error(value, grads[name])
+    bad = {k: e for k, e in errors.items() if not e <= (FWD_TOL if k == "y" else GRAD_TOL)[dtype]}
+    assert not bad, f"emulated kernel differs from the reference: {bad} (all: {errors})"
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fused_matches_reference(emu, chunk_size, normalize):
+    # 10 channels with tile 4: three blocks per batch item, the last one partial.
+    check_fused(emu, fused_case(2, 5, 7, 10, 10), chunk_size, normalize, tile=4)
+
+
+@pytest.mark.parametrize(
+    "variant", ["shared u, scalar merge, no skip", "shared gate channels", "1x1", "tall", "long scan, sqrt segments"]
+)
+def test_fused_variants(emu, variant):
+    if variant == "shared u, scalar merge, no skip":
+        case = fused_case(1, 4, 6, 4, 4, u_per_direction=False, merge_per_channel=False, skip=False)
+    elif variant == "shared gate channels":
+        case = fused_case(2, 6, 5, 8, 2)
+    elif variant == "1x1":
+        case = fused_case(1, 1, 1, 3, 3)
+    elif variant == "tall":
+        case = fused_case(1, 13, 2, 2, 1)
+    else:  # 30 lines: segments of 6, so the checkpoints and segment recomputation are exercised
+        case = fused_case(1, 3, 30, 2, 2)
+    check_fused(emu, case, 4, True)
+
+
+def test_more_elements_than_threads(emu):
+    """150 rows x 16 channels = 2400 elements per line for 512 threads: several unrolled passes per thread."""
+    check_fused(emu, fused_case(1, 150, 2, 16, 16), 7, True, tile=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("float_params", [False, True])
+def test_fused_low_precision(emu, dtype, float_params):
+    case = fused_case(1, 4, 5, 16, 16)
+    check_fused(emu, case, None, True, dtype=dtype, float_params=float_params)
+
+
+def test_strided_scalar_merge(emu):
+    case = fused_case(1, 3, 4, 4, 4)
+    case["merge"] = torch.arange(8.0)[::2] / 8  # (4,) with stride 2
+    check_fused(emu, case, None, False)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("chunk_size,tile", [(None, 2), (2, 1)])
+def test_single_direction_matches_reference(emu, direction, chunk_size, tile):
+    gen = torch.Generator().manual_seed(3)
+    x, lam = rand(gen, 2, 6, 9, 6), rand(gen, 2, 6, 9, 6, low=0.1, high=1.0)
+    gates = rand(gen, 2, 6, 9, 3, 3, low=-3.0, high=3.0)
+    grad_h = torch.randn(2, 6, 9, 6, generator=gen)
+    d = DIRECTIONS.index(direction)
+    h = emu.scan_forward(x, lam, gates, d, chunk_size or 0, tile)
+    leaves = [t.double().requires_grad_() for t in (x, lam, gates)]
+    expected = gspn_scan_reference(*leaves, direction, chunk_size)
+    expected.backward(grad_h.double())
+    assert rel_error(h, expected.detach()) <= FWD_TOL[torch.float32]
+    for got, leaf in zip(emu.scan_backward(grad_h, x, lam, gates, d, chunk_size or 0, tile), leaves, strict=True):
+        assert rel_error(got, leaf.grad) <= GRAD_TOL[torch.float32]
+
+
+def test_strided_views_are_read_in_place(emu):
+    """Channel slices, swapped H/W memory order and an expanded u give the same result as contiguous copies."""
+    case = fused_case(1, 5, 6, 8, 8, u_per_direction=False)
+    gen = torch.Generator().manual_seed(4)
+    wide_x = rand(gen, 1, 5, 6, 16)
+    wide_x[..., ::2] = case["x"]
+    swapped_lam = case["lam"].transpose(1, 2).contiguous().transpose(1, 2)
+    wide_u = rand(gen, 1, 5, 6, 16)
+    wide_u[..., 8:] = case["u"]
+    u4 = wide_u[..., 8:].unsqueeze(3).expand(1, 5, 6, 4, 8)  # channel slice, stride 0 over the directions
+    strided = emu.fused_forward(
+        wide_x[..., ::2], swapped_lam, case["gates"], u4, case["merge"], case["skip"], 0, True, 1e-6, 0
+    )
+    dense = emu.fused_forward(
+        case["x"], case["lam"], case["gates"], case["u"], case["merge"], case["skip"], 0, True, 1e-6, 0
+    )
+    torch.testing.assert_close(strided, dense, rtol=0, atol=0)
+
+
+def test_bad_inputs_raise_clear_errors(emu):
+    case = fused_case(1, 3, 4, 4, 4)
+    args = list(case.values())
+    with pytest.raises(RuntimeError, match="lam must have shape"):
+        emu.fused_forward(args[0], args[1][:, :2], *args[2:], 0, False, 1e-6, 0)
+    with pytest.raises(RuntimeError, match="has dtype"):
+        emu.fused_forward(args[0], args[1].double(), *args[2:], 0, False, 1e-6, 0)
+    with pytest.raises(RuntimeError, match="gate channels 3 must divide"):
+        emu.scan_forward(args[0], args[1], torch.zeros(1, 3, 4, 3, 3), 0, 0, 0)
+    with pytest.raises(RuntimeError, match="tile must be a power of two"):
+        emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 0, 0, 3)
+    long = torch.ones(1, 30000, 1, 1)  # a 30000-position line needs 240 KB of shared memory
+    with pytest.raises(RuntimeError, match="does not fit in shared memory.*GSPN_DIFFUSERS_BACKEND=reference"):
+        emu.scan_forward(long, long, torch.zeros(1, 30000, 1, 3, 1), 0, 0, 0)
+
+
+def test_autograd_functions_on_the_emulated_kernels(emu, monkeypatch):
+    """The autograd layer of ops/cuda.py (saved tensors, gradient order, None for absent skip) on the emulation."""
+    from gspn_diffusers.ops import cuda
+
+    monkeypatch.setattr(cuda, "_extension", emu)
+    case = fused_case(2, 4, 5, 6, 3, skip=False)
+    leaves = {k: v.clone().requires_grad_() for k, v in case.items() if v is not None}
+    ref_leaves = {k: v.double().requires_grad_() for k, v in case.items() if v is not None}
+    out = cuda.kernel_scan_fused(*leaves.values(), None, 2, True)
+    expected = gspn_scan_fused_reference(*ref_leaves.values(), None, 2, True)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    out.backward(grad)
+    expected.backward(grad.double())
+    assert rel_error(out.detach(), expected.detach()) <= FWD_TOL[torch.float32]
+    for name, leaf in leaves.items():
+        assert rel_error(leaf.grad, ref_leaves[name].grad) <= GRAD_TOL[torch.float32], name
+
+    x, lam, gates = (case[k].clone().requires_grad_() for k in ("x", "lam", "gates"))
+    h = cuda.kernel_scan(x, lam, gates[:, :, :, 1], "right_to_left", 3)
+    h.backward(grad)
+    refs = [t.detach().double().requires_grad_() for t in (case["x"], case["lam"], case["gates"][:, :, :, 1])]
+    gspn_scan_reference(*refs, "right_to_left", 3).backward(grad.double())
+    for got, ref in zip((x.grad, lam.grad, gates.grad[:, :, :, 1]), refs, strict=True):
+        assert rel_error(got, ref.grad) <= GRAD_TOL[torch.float32]
+
+
+@pytest.fixture
+def small_shared_memory(emu):
+    """2000 bytes per block: a 40-position line fits the forward (640 B) but not the backward (2176 B)."""
+    emu.set_shared_memory_per_block(2000)
+    yield
+    emu.set_shared_memory_per_block(227 * 1024)
+
+
+def test_backward_falls_back_where_the_line_is_too_long(emu, monkeypatch, small_shared_memory):
+    """A line that fits the forward's shared memory but not the backward's: the gradients come from the reference."""
+    from gspn_diffusers.ops import cuda
+
+    monkeypatch.setattr(cuda, "_extension", emu)
+    monkeypatch.setattr(cuda, "_warned", set())
+    case = fused_case(1, 40, 1, 1, 1, u_per_direction=False)
+    leaves = [v.clone().requires_grad_() for v in case.values()]
+    out = cuda.kernel_scan_fused(*leaves, None, True)
+    with pytest.warns(UserWarning, match="does not fit in shared memory"):
+        out.sum().backward()
+    refs = [v.double().requires_grad_() for v in case.values()]
+    gspn_scan_fused_reference(*refs, None, True).sum().backward()
+    for leaf, ref in zip(leaves, refs, strict=True):
+        assert rel_error(leaf.grad, ref.grad) <= GRAD_TOL[torch.float32]
