@@ -92,8 +92,8 @@ def format_comparison(a: dict[str, Any], b: dict[str, Any], names: tuple[str, st
     rows = []
     for key, (label, lower_is_better) in METRICS.items():
         va, vb = (r["metrics"].get(key, {}).get("value") for r in (a, b))
-        delta = None if va is None or vb is None else vb - va
-        better = "" if delta is None or delta == 0 else " (better)" if (delta < 0) == lower_is_better else " (worse)"
+        delta = None if va is None or vb is None else round(vb - va, 3)  # as shown: +0.000 is neither
+        better = "" if not delta else " (better)" if (delta < 0) == lower_is_better else " (worse)"
         rows.append(
             [
                 f"{label} ({'lower' if lower_is_better else 'higher'} is better)",
