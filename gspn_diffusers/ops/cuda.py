@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -137,15 +138,12 @@ class _ScanFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         x, lam, gate_logits = ctx.saved_tensors
-        try:
-            grads = _extension.scan_backward(grad_h, x, lam, gate_logits, ctx.direction, ctx.chunk, _tile())
-        except RuntimeError as error:
-            if not _line_too_long(error):
-                raise
-            chunk = ctx.chunk or None
-            grads = _reference_grads(
-                lambda *a: gspn_scan_reference(*a, DIRECTIONS[ctx.direction], chunk), (x, lam, gate_logits), grad_h
-            )
+        grads = _kernel_or_reference_grads(
+            lambda: _extension.scan_backward(grad_h, x, lam, gate_logits, ctx.direction, ctx.chunk, _tile()),
+            lambda *a: gspn_scan_reference(*a, DIRECTIONS[ctx.direction], ctx.chunk or None),
+            (x, lam, gate_logits),
+            grad_h,
+        )
         return *grads, None, None
 
 
@@ -159,34 +157,42 @@ class _FusedScanFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, lam, gate_logits, u, merge, skip = ctx.saved_tensors
-        try:
-            grads = _extension.fused_backward(
+        grads = _kernel_or_reference_grads(
+            lambda: _extension.fused_backward(
                 grad_y, x, lam, gate_logits, u, merge, skip, ctx.chunk, ctx.normalize, ctx.eps, _tile()
-            )
-        except RuntimeError as error:
-            if not _line_too_long(error):
-                raise
-            chunk = ctx.chunk or None
-            inputs = (x, lam, gate_logits, u, merge) + ((skip,) if skip is not None else ())
-            grads = _reference_grads(
-                lambda *a: gspn_scan_fused_reference(
-                    *a[:5], a[5] if len(a) > 5 else None, chunk, ctx.normalize, ctx.eps
-                ),
-                inputs,
-                grad_y,
-            )
-            grads = (*grads, None) if skip is None else grads
+            ),
+            lambda *a: gspn_scan_fused_reference(*a, ctx.chunk or None, ctx.normalize, ctx.eps),
+            (x, lam, gate_logits, u, merge, skip),
+            grad_y,
+        )
         grad_x, grad_lam, grad_gates, grad_u, grad_merge, grad_skip = grads
         if skip is None:
             grad_skip = None
         return grad_x, grad_lam, grad_gates, grad_u, grad_merge, grad_skip, None, None, None
 
 
-def _reference_grads(fn, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Gradients of the reference op (a backward whose scan line is too long for the kernel's shared memory)."""
+def _kernel_or_reference_grads(
+    kernel_backward: Callable[[], Sequence[torch.Tensor]],
+    reference: Callable[..., torch.Tensor],
+    inputs: tuple[torch.Tensor | None, ...],
+    grad_out: torch.Tensor,
+) -> Sequence[torch.Tensor | None]:
+    """The kernel's gradients, or the reference's where the scan line is too long for the backward's shared memory.
+
+    ``inputs`` are the reference's tensor arguments in order; an absent one (``None``, e.g. no skip) stays
+    ``None`` and gets no gradient.
+    """
+    try:
+        return kernel_backward()
+    except RuntimeError as error:
+        if not _line_too_long(error):
+            raise
+    leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        return torch.autograd.grad(fn(*leaves), leaves, grad_out)
+        given = iter(leaves)
+        out = reference(*(None if t is None else next(given) for t in inputs))
+        grads = iter(torch.autograd.grad(out, leaves, grad_out))
+    return tuple(None if t is None else next(grads) for t in inputs)
 
 
 def kernel_scan(x, lam, gate_logits, direction: str, chunk_size: int | None = None) -> torch.Tensor:
