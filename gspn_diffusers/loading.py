@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from .convert import get_unet
 from .tiny import TINY_KINDS, tiny_pipeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -23,6 +24,13 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"Unknown dtype {name!r}; use auto or one of {', '.join(DTYPES)}.")
     return DTYPES[name]
+
+
+def native_size(pipe: DiffusionPipeline) -> int:
+    """The pixel size the UNet was trained at (512 for SD-1.5, 1024 for SD-XL): its latent sample size x the VAE
+    factor. Generation defaults to it, and above it the high-resolution pipeline takes over."""
+    size = get_unet(pipe).config.sample_size
+    return (size if isinstance(size, int) else max(size)) * pipe.vae_scale_factor
 
 
 def _looks_like_path(model: str) -> bool:

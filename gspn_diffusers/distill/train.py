@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..config import GSPNConfig
 from ..convert import convert, get_unet, gspn_config_of, gspn_parameters
-from ..loading import DTYPES, load_pipeline
+from ..loading import DTYPES, load_pipeline, native_size
 from ..serialization import load_gspn, save_gspn
 from ..tiny import TINY_KINDS
 from .conditioning import prepare_inputs
@@ -491,7 +491,7 @@ def main(args: argparse.Namespace) -> DistillResult:
     weight_dtype = _weight_dtype(accelerator)
     pipe, teacher, trainable = build_models(args, weight_dtype, accelerator.device)
     student = get_unet(pipe)
-    resolution = args.resolution or student.config.sample_size * pipe.vae_scale_factor
+    resolution = args.resolution or native_size(pipe)
     if resolution % pipe.vae_scale_factor:
         raise ValueError(f"--resolution must be a multiple of {pipe.vae_scale_factor}; got {resolution}.")
     dataset = ImageCaptionDataset(records, resolution, args.center_crop, args.random_flip, args.seed or 0)

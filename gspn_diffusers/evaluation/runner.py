@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..convert import get_unet, gspn_config_of, is_converted
+from ..loading import native_size
 from .coco import CaptionRecord, check_reference_images, load_reference_image, select_captions
 from .generate import check_settings, generate_images, write_manifest
 from .metrics import (
@@ -132,7 +133,7 @@ def _generation_settings(
 ) -> dict[str, Any]:
     """Everything that determines the generated pixels: a resumed run must match it exactly."""
     unet = get_unet(pipe)
-    native = unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     height, width = config.height or native, config.width or native
     if height % 8 or width % 8:
         raise ValueError(f"Height and width must be multiples of 8, got {height}x{width}.")

@@ -9,6 +9,7 @@ from typing import Any
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from ..loading import native_size
 from .demofusion import LOCAL_MODES, GSPNDemoFusionPipeline, GSPNDemoFusionSDXLPipeline
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def hires_pipeline_for(pipe: Any, args: argparse.Namespace) -> tuple[Any, dict[s
     Above the native size the loaded pipeline is wrapped (``from_pipe``: same UNet, converted or
     not) in the DemoFusion-style pipeline of its family; otherwise it is returned unchanged.
     """
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     if max(args.height or native, args.width or native) <= native:
         return pipe, {}
     if isinstance(pipe, StableDiffusionXLPipeline):

@@ -43,6 +43,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import empty_device_cache, randn_tensor
 
 from ..convert import is_converted
+from ..loading import native_size
 from .stages import (
     cosine_factor,
     cosine_weight,
@@ -120,15 +121,14 @@ class DemoFusionMixin:
 
     # ------------------------------------------------------------------ sizes and checks
     @property
-    def window(self) -> int:
-        """The UNet's native latent size (128 for SD-XL, 64 for SD-1.5): the local windows' size."""
-        size = self.unet.config.sample_size
-        return size if isinstance(size, int) else max(size)
-
-    @property
     def native_size(self) -> int:
         """The model's native image size in pixels (1024 for SD-XL, 512 for SD-1.5)."""
-        return self.window * self.vae_scale_factor
+        return native_size(self)
+
+    @property
+    def window(self) -> int:
+        """The UNet's native latent size (128 for SD-XL, 64 for SD-1.5): the local windows' size."""
+        return self.native_size // self.vae_scale_factor
 
     def plan_stages(self, height: int, width: int) -> list[tuple[int, int]]:
         """Pixel sizes of the base and of every stage (see :func:`~.stages.plan_stage_sizes`)."""
