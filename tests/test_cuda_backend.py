@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from gspn_diffusers.ops import cuda, cuda_build, gspn_scan_fused, gspn_scan_fused_reference
+from gspn_diffusers.ops import cuda, cuda_build, extension, gspn_scan_fused, gspn_scan_fused_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sources_exist_and_flags_name_the_archs():
-    assert [Path(p).name for p in cuda.source_paths()] == list(cuda.SOURCES)
+    assert [Path(p).name for p in cuda.source_paths()] == list(cuda_build.SOURCES)
     cxx, nvcc = cuda_build.compile_flags("8.0;9.0")
     assert "-gencode=arch=compute_80,code=sm_80" in nvcc and "-gencode=arch=compute_90,code=sm_90" in nvcc
     assert "-gencode=arch=compute_90,code=compute_90" in nvcc  # PTX for newer GPUs
@@ -23,28 +24,48 @@ def test_sources_exist_and_flags_name_the_archs():
         cuda_build.arch_flags("sm_90")
 
 
-def test_cpu_tensors_use_the_reference_without_building(monkeypatch):
-    monkeypatch.setenv("GSPN_DIFFUSERS_BACKEND", "cuda")
-    monkeypatch.setattr(cuda, "_extension", None)
-    monkeypatch.setattr(cuda, "_load_error", None)
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """Nothing loaded or failed yet, and no warning given yet."""
+    monkeypatch.setattr(extension, "_modules", {})
+    monkeypatch.setattr(extension, "_errors", {})
+    monkeypatch.setattr(cuda, "_warned", set())
+
+
+def small_fused_case():
     gen = torch.Generator().manual_seed(0)
     x, lam = torch.randn(1, 3, 4, 2, generator=gen), torch.rand(1, 3, 4, 2, generator=gen)
-    gates, u, merge = torch.randn(1, 3, 4, 4, 3, 2, generator=gen), torch.rand(1, 3, 4, 2), torch.rand(4)
-    out = gspn_scan_fused(x, lam, gates, u, merge, normalize=True)
-    torch.testing.assert_close(out, gspn_scan_fused_reference(x, lam, gates, u, merge, normalize=True))
-    assert cuda._extension is None and cuda._load_error is None  # nothing was built or imported
+    return x, lam, torch.randn(1, 3, 4, 4, 3, 2, generator=gen), torch.rand(1, 3, 4, 2), torch.rand(4)
 
 
-def test_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
-    """A kernel that cannot be built says why, once, and the caller gets None (-> the reference)."""
+def test_cpu_tensors_use_the_reference_without_building(monkeypatch, fresh_loader):
+    monkeypatch.setenv("GSPN_DIFFUSERS_BACKEND", "cuda")
+    case = small_fused_case()
+    out = gspn_scan_fused(*case, normalize=True)
+    torch.testing.assert_close(out, gspn_scan_fused_reference(*case, normalize=True))
+    assert not extension._modules and not extension._errors  # nothing was built or imported
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path, fresh_loader):
+    """A kernel that cannot be built says why, once, and the reference runs inside the same op."""
     monkeypatch.setitem(sys.modules, "gspn_diffusers._C", None)  # no ahead-of-time build either
-    monkeypatch.setattr(cuda, "CSRC_DIR", tmp_path)  # a checkout without csrc/
-    monkeypatch.setattr(cuda, "_extension", None)
-    monkeypatch.setattr(cuda, "_load_error", None)
-    monkeypatch.setattr(cuda, "_warned", set())
-    with pytest.warns(UserWarning, match="not available .*OSError: The CUDA sources .* are not in"):
-        assert cuda.cuda_backend() is None
-    assert "GSPN_DIFFUSERS_BUILD_CUDA=1" in cuda.load_error()
+    monkeypatch.setattr(extension, "CSRC_DIR", tmp_path)  # a checkout without csrc/
+    assert extension.load_extension() is None
+    assert "GSPN_DIFFUSERS_BUILD_CUDA=1" in extension.load_error()
+    monkeypatch.setenv("GSPN_DIFFUSERS_BACKEND", "emulation")
+    case = small_fused_case()
+    with pytest.warns(UserWarning, match="kernel emulation is not available .*Error"):
+        out = gspn_scan_fused(*case, normalize=True)
+    torch.testing.assert_close(out, gspn_scan_fused_reference(*case, normalize=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per cause
+        gspn_scan_fused(*case, normalize=True)
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GSPN_DIFFUSERS_BACKEND", "triton")
+    with pytest.raises(ValueError, match="GSPN_DIFFUSERS_BACKEND='triton' is not valid; use one of auto, reference"):
+        gspn_scan_fused(*small_fused_case())
 
 
 def test_compiled_module_exports_the_expected_functions():

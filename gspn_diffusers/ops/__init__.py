@@ -3,13 +3,15 @@
 ``gspn_scan`` is the single-direction operator of DESIGN.md section 1 and ``gspn_scan_fused`` the
 four-direction scan with merge. CPU tensors run the pure-PyTorch reference; CUDA tensors run the CUDA
 kernel of ``csrc/`` (``cuda.py``, built on first use) where it is available and passed its self-check.
-``backend.py`` reads ``GSPN_DIFFUSERS_BACKEND=auto|reference|cuda``.
+``backend.py`` reads ``GSPN_DIFFUSERS_BACKEND=auto|reference|cuda|emulation``; ``cuda.py`` registers the
+compiled backends as ``torch.library`` custom ops (one opaque op each for ``torch.compile``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import cuda as _compiled  # noqa: F401 - registers the cuda and emulation backends
 from .backend import resolve_backend
 from .reference import (
     DIRECTIONS,

@@ -1,120 +1,56 @@
-"""CUDA backend of the GSPN operators: the compiled kernels of ``csrc/`` behind ``autograd.Function``s.
+"""The compiled backends of the GSPN operators: the kernels of ``csrc/`` as ``torch.library`` custom ops.
 
-Layers, from the bottom: the extension (imported ahead-of-time build ``gspn_diffusers._C`` from setup.py, else
-compiled just in time with ``torch.utils.cpp_extension.load`` + ninja and cached in torch's extension
-directory) -> ``_ScanFunction`` / ``_FusedScanFunction`` -> :func:`cuda_scan` / :func:`cuda_scan_fused`, which
-have the signatures of the reference functions and are registered as the ``"cuda"`` backend.
+Layers, from the bottom: the compiled module (``extension.py``: the CUDA extension for CUDA tensors, the host
+emulation for CPU tensors) -> the policy (:func:`kernel_for`: may this call run the kernel, and if not, say why
+once) -> the custom ops ``gspn_diffusers::scan`` / ``gspn_diffusers::scan_fused`` and their backward ops, with
+fake implementations and autograd registered, so ``torch.compile(..., fullgraph=True)`` sees one opaque op ->
+:func:`cuda_scan` / :func:`cuda_scan_fused` with the signatures of the reference functions, registered as the
+``cuda`` and ``emulation`` backends.
 
-Policy (``GSPN_DIFFUSERS_BACKEND``, read by ``backend.py``): CPU tensors and float64 always run the reference.
-``auto`` runs the kernel on CUDA tensors only after a one-time self-check against the reference on a small
-random case for that device, dtype and mode (op, normalisation, global/chunked); if the check disagrees a
-warning says so and the reference runs. ``cuda`` skips the self-check. If the extension cannot be built or
-imported, a warning says why and the reference runs: a pipeline never crashes because of the kernel.
+The policy runs inside the op, so a compiled graph keeps it: an input the kernel cannot take (float64, mixed
+dtypes, an arch missing from the build, a line too long for shared memory, a failed self-check under ``auto``)
+runs the PyTorch reference inside the same op, and its gradients come from recomputing the reference.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from .backend import Backend, register_backend, requested_backend
-from .cuda_build import CSRC_DIR, SOURCES, compile_flags, find_cuda_home
+from .cuda_build import find_cuda_home  # noqa: F401 - re-exported for scripts/check_cuda_build.py
+from .extension import (  # noqa: F401 - the loader's names are part of this module's interface
+    EMULATION_NAME,
+    EXPECTED_FUNCTIONS,
+    EXTENSION_NAME,
+    SUPPORTED_DTYPES,
+    build_emulation,
+    build_extension,
+    compiled_archs,
+    load_emulation,
+    load_error,
+    load_extension,
+    module_for,
+    source_paths,
+)
 from .reference import DIRECTIONS, gspn_scan_fused_reference, gspn_scan_reference
 
-logger = logging.getLogger(__name__)
-
-EXTENSION_NAME = "gspn_diffusers_cuda"
-EMULATION_NAME = "gspn_diffusers_cuda_emulation"
 TILE_ENV = "GSPN_DIFFUSERS_CUDA_TILE"  # channels per block (power of two <= 16); 0 = heuristic
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-EXPECTED_FUNCTIONS = ("fused_forward", "fused_backward", "scan_forward", "scan_backward", "baseline_scan")
 
-_extension: ModuleType | None = None
-_load_error: str | None = None
 _self_checks: dict[tuple, bool] = {}
+_arch_ok: dict[int, bool] = {}
 _warned: set[str] = set()
 
 
-def source_paths() -> list[str]:
-    missing = [name for name in SOURCES if not (CSRC_DIR / name).is_file()]
-    if missing:
-        raise OSError(
-            f"The CUDA sources {', '.join(missing)} are not in {CSRC_DIR}. The JIT build needs a source checkout "
-            "(pip install -e .), or install with GSPN_DIFFUSERS_BUILD_CUDA=1 to build the kernel ahead of time."
-        )
-    return [str(CSRC_DIR / name) for name in SOURCES]
-
-
-def build_extension(build_directory: str | None = None, verbose: bool = False, archs: str | None = None):
-    """Compile (or reuse the cached build of) the extension with ninja and import it. Raises on failure."""
-    cuda_home = find_cuda_home()
-    if cuda_home is not None:
-        # torch guesses CUDA_HOME from nvcc's location, which misses the headers when nvcc is a symlink elsewhere.
-        os.environ.setdefault("CUDA_HOME", cuda_home)
-    from torch.utils.cpp_extension import load
-
-    cxx, nvcc = compile_flags(archs)
-    return load(
-        name=EXTENSION_NAME,
-        sources=source_paths(),
-        extra_cflags=cxx,
-        extra_cuda_cflags=nvcc,
-        extra_include_paths=[str(CSRC_DIR)],
-        build_directory=build_directory,
-        verbose=verbose,
-    )
-
-
-def build_emulation(build_directory: str | None = None, verbose: bool = False):
-    """Compile (host C++ only, no GPU needed) the emulation of the kernels used by tests/test_cuda_emulation.py."""
-    cuda_home = find_cuda_home()
-    if cuda_home is None:
-        raise OSError("The host emulation needs the CUDA headers (cuda_fp16.h, cuda_bf16.h); set CUDA_HOME.")
-    from torch.utils.cpp_extension import load
-
-    return load(
-        name=EMULATION_NAME,
-        sources=[str(CSRC_DIR / "emulation" / "gspn_emulation.cpp")],
-        extra_cflags=["-O2"],
-        extra_include_paths=[str(CSRC_DIR), str(Path(cuda_home) / "include")],
-        build_directory=build_directory,
-        verbose=verbose,
-    )
-
-
-def load_extension() -> ModuleType | None:
-    """The compiled module, built on first use; None (and the reason in :func:`load_error`) if that fails."""
-    global _extension, _load_error
-    if _extension is not None or _load_error is not None:
-        return _extension
-    try:
-        from gspn_diffusers import _C as module  # ahead-of-time build from setup.py
-    except ImportError:
-        logger.warning(
-            "Compiling the GSPN CUDA kernel (first use, about 3-5 minutes; cached afterwards in torch's extension "
-            "directory, TORCH_EXTENSIONS_DIR)."
-        )
-        try:
-            module = build_extension()
-        except Exception as error:  # noqa: BLE001 - any build failure must fall back, never crash a pipeline
-            _load_error = f"{type(error).__name__}: {error}"
-            return None
-    missing = [name for name in EXPECTED_FUNCTIONS if not hasattr(module, name)]
-    if missing:
-        _load_error = f"the compiled module {module.__name__} lacks {', '.join(missing)} (stale build?)"
-        return None
-    _extension = module
-    return module
-
-
-def load_error() -> str | None:
-    return _load_error
+def warn_once(cause: str, message: str) -> None:
+    """One warning per cause for the whole process (a pipeline calls the op thousands of times)."""
+    if cause not in _warned:
+        _warned.add(cause)
+        warnings.warn(message, stacklevel=3)
 
 
 def _tile() -> int:
@@ -124,88 +60,340 @@ def _tile() -> int:
     return int(value)
 
 
+# ---- Policy ------------------------------------------------------------------------------------------------
+
+
+def _arch_covered(module: ModuleType, device: torch.device) -> bool:
+    """The build has machine code for this GPU, or PTX of an older arch that the driver compiles for it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _arch_ok:
+        archs = compiled_archs(module)
+        major, minor = torch.cuda.get_device_capability(index)
+        sm = 10 * major + minor
+        _arch_ok[index] = archs is None or sm in archs or (bool(archs) and sm > max(archs))
+        if not _arch_ok[index]:
+            warn_once(
+                f"arch{sm}",
+                f"The GSPN CUDA kernel was built for sm_{', sm_'.join(map(str, archs))}, not for this GPU "
+                f"(sm_{sm}, {torch.cuda.get_device_name(index)}); running the PyTorch reference. Rebuild with "
+                f"GSPN_DIFFUSERS_CUDA_ARCH=\"{major}.{minor}\".",
+            )
+    return _arch_ok[index]
+
+
+def kernel_for(
+    x: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    fused: bool,
+    normalize: bool,
+    chunk: int,
+    verify: bool,
+) -> ModuleType | None:
+    """The compiled module that may run this call, or None (after a warning, once per cause) for the reference.
+
+    ``others`` must share x's dtype and device. ``verify``: run the one-time self-check (``auto``).
+    """
+    kind = "CUDA kernel" if x.is_cuda else "kernel emulation"
+    module = module_for(x)
+    if module is None:
+        source = "cuda" if x.is_cuda else "emulation"
+        warn_once(
+            f"build-{source}",
+            f"The GSPN {kind} is not available ({load_error(source)}); running the PyTorch reference instead. "
+            "Set GSPN_DIFFUSERS_BACKEND=reference to silence this.",
+        )
+        return None
+    if x.dtype not in SUPPORTED_DTYPES:
+        warn_once(
+            f"dtype-{x.dtype}",
+            f"The GSPN {kind} takes float32, float16 and bfloat16, not {x.dtype}; running the PyTorch reference "
+            "for these inputs.",
+        )
+        return None
+    mixed = sorted({str(t.dtype) for t in others if t.dtype != x.dtype} | {str(t.device) for t in others
+                                                                            if t.device != x.device})
+    if mixed:
+        warn_once(
+            "mixed",
+            f"The GSPN {kind} needs its inputs in one dtype on one device (x is {x.dtype} on {x.device}, others "
+            f"{', '.join(mixed)}); running the PyTorch reference. Cast them to one dtype before the op.",
+        )
+        return None
+    if x.is_cuda and not _arch_covered(module, x.device):
+        return None
+    if verify and x.is_cuda and not _verified(module, x, fused, normalize, chunk):
+        return None
+    return module
+
+
+def _verified(module: ModuleType, x: torch.Tensor, fused: bool, normalize: bool, chunk: int) -> bool:
+    key = (x.device, x.dtype, fused, normalize, chunk > 0)
+    if key not in _self_checks:
+        if torch.cuda.is_current_stream_capturing():
+            warn_once(
+                "capture",
+                "The GSPN CUDA kernel has not passed its self-check for this dtype and mode before CUDA graph "
+                "capture (the check synchronises); the reference is captured. Run one step before capturing.",
+            )
+            return False
+        problem = self_check(x.device, x.dtype, fused, normalize, chunk or None)
+        _self_checks[key] = not problem
+        if problem:
+            warn_once(
+                f"check{key}",
+                f"The GSPN CUDA kernel failed its self-check ({'fused' if fused else 'single'} scan, {x.dtype}, "
+                f"normalize={normalize}, chunked={chunk > 0}): {problem}. Running the PyTorch reference for this "
+                "mode; please report this. GSPN_DIFFUSERS_BACKEND=cuda forces the kernel.",
+            )
+    return _self_checks[key]
+
+
+def _reference_on(error: RuntimeError) -> bool:
+    """Kernel errors that a valid input can hit: a line too long for shared memory, no kernel image for the GPU."""
+    text = str(error)
+    if "does not fit in shared memory" in text:
+        warn_once("line", f"{text} Running the PyTorch reference for such sizes.")
+        return True
+    if "no kernel image is available" in text:
+        warn_once("image", f"The GSPN CUDA kernel has no code for this GPU ({text}); running the PyTorch reference.")
+        return True
+    return False
+
+
+# ---- Custom ops ----------------------------------------------------------------------------------------------
+
+
+def _reference_grads(
+    reference: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    inputs: Sequence[torch.Tensor | None],
+    grad_outputs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor | None]:
+    """Gradients of the reference with respect to ``inputs`` (None stays None), recomputed.
+
+    ``torch.func.vjp``, not ``torch.autograd.grad``: an op's implementation runs below the autograd dispatch key.
+    """
+    present = [t for t in inputs if t is not None]
+
+    def on_present(*tensors):
+        given = iter(tensors)
+        return reference(*(None if t is None else next(given) for t in inputs))
+
+    outputs, vjp = torch.func.vjp(on_present, *present)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    cotangents = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outputs, grad_outputs,
+                                                                                          strict=True))
+    grads = iter(vjp(cotangents if len(cotangents) > 1 else cotangents[0]))
+    return [None if t is None else next(grads) for t in inputs]
+
+
+def _absent(x: torch.Tensor) -> torch.Tensor:
+    """Custom ops return tensors only: an empty tensor stands for 'no gradient' (absent skip or state)."""
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("gspn_diffusers::scan", mutates_args=())
+def _scan_op(
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    gate_logits: torch.Tensor,
+    direction: int,
+    chunk: int,
+    initial_state: torch.Tensor | None,
+    verify: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    others = [lam, gate_logits] + ([initial_state] if initial_state is not None else [])
+    module = kernel_for(x, others, fused=False, normalize=False, chunk=chunk, verify=verify)
+    if module is not None:
+        try:
+            h, final = module.scan_forward(x, lam, gate_logits, direction, chunk, initial_state, True, _tile())
+            return h, final
+        except RuntimeError as error:
+            if not _reference_on(error):
+                raise
+    h, final = gspn_scan_reference(x, lam, gate_logits, DIRECTIONS[direction], chunk or None, initial_state, True)
+    return h.contiguous(), final.contiguous()
+
+
+@_scan_op.register_fake
+def _(x, lam, gate_logits, direction, chunk, initial_state, verify):
+    perp = x.shape[1] if direction < 2 else x.shape[2]
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], perp, x.shape[3]))
+
+
+@torch.library.custom_op("gspn_diffusers::scan_backward", mutates_args=())
+def _scan_backward_op(
+    grad_h: torch.Tensor,
+    grad_final: torch.Tensor | None,
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    gate_logits: torch.Tensor,
+    direction: int,
+    chunk: int,
+    initial_state: torch.Tensor | None,
+    verify: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    others = [lam, gate_logits, grad_h] + [t for t in (initial_state, grad_final) if t is not None]
+    module = kernel_for(x, others, fused=False, normalize=False, chunk=chunk, verify=verify)
+    if module is not None:
+        try:
+            gx, glam, ggate, gstate = module.scan_backward(
+                grad_h, x, lam, gate_logits, direction, chunk, initial_state, grad_final, _tile()
+            )
+            return gx, glam, ggate, _absent(x) if gstate is None else gstate
+        except RuntimeError as error:
+            if not _reference_on(error):
+                raise
+    gx, glam, ggate, gstate = _reference_grads(
+        lambda *a: gspn_scan_reference(*a[:3], DIRECTIONS[direction], chunk or None, a[3], True),
+        (x, lam, gate_logits, initial_state),
+        (grad_h, grad_final),
+    )
+    return gx, glam, ggate, _absent(x) if gstate is None else gstate
+
+
+@_scan_backward_op.register_fake
+def _(grad_h, grad_final, x, lam, gate_logits, direction, chunk, initial_state, verify):
+    state = _absent(x) if initial_state is None else initial_state.new_empty(initial_state.shape)
+    return x.new_empty(x.shape), lam.new_empty(lam.shape), gate_logits.new_empty(gate_logits.shape), state
+
+
+def _scan_setup_context(ctx, inputs, output):
+    x, lam, gate_logits, direction, chunk, initial_state, verify = inputs
+    ctx.save_for_backward(x, lam, gate_logits, initial_state)
+    ctx.args = (direction, chunk, verify)
+
+
+def _scan_backward(ctx, grad_h, grad_final):
+    x, lam, gate_logits, initial_state = ctx.saved_tensors
+    direction, chunk, verify = ctx.args
+    gx, glam, ggate, gstate = _scan_backward_op(
+        grad_h, grad_final, x, lam, gate_logits, direction, chunk, initial_state, verify
+    )
+    return gx, glam, ggate, None, None, gstate if initial_state is not None else None, None
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+@torch.library.custom_op("gspn_diffusers::scan_fused", mutates_args=())
+def _fused_op(
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    gate_logits: torch.Tensor,
+    u: torch.Tensor,
+    merge: torch.Tensor,
+    skip: torch.Tensor | None,
+    chunk: int,
+    normalize: bool,
+    eps: float,
+    verify: bool,
+) -> torch.Tensor:
+    # merge and skip may be fp32 parameters beside low-precision activations: the kernel reads either.
+    module = kernel_for(x, [lam, gate_logits, u], fused=True, normalize=normalize, chunk=chunk, verify=verify)
+    if module is not None:
+        try:
+            return module.fused_forward(x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile())
+        except RuntimeError as error:
+            if not _reference_on(error):
+                raise
+    return gspn_scan_fused_reference(x, lam, gate_logits, u, merge, skip, chunk or None, normalize, eps).contiguous()
+
+
+@_fused_op.register_fake
+def _(x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, verify):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("gspn_diffusers::scan_fused_backward", mutates_args=())
+def _fused_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    gate_logits: torch.Tensor,
+    u: torch.Tensor,
+    merge: torch.Tensor,
+    skip: torch.Tensor | None,
+    chunk: int,
+    normalize: bool,
+    eps: float,
+    verify: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    module = kernel_for(x, [lam, gate_logits, u, grad_y], fused=True, normalize=normalize, chunk=chunk,
+                        verify=verify)
+    if module is not None:
+        try:
+            grads = module.fused_backward(grad_y, x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile())
+            return (*grads[:5], _absent(x) if grads[5] is None else grads[5])
+        except RuntimeError as error:
+            if not _reference_on(error):
+                raise
+    grads = _reference_grads(
+        lambda *a: gspn_scan_fused_reference(*a, chunk or None, normalize, eps),
+        (x, lam, gate_logits, u, merge, skip),
+        (grad_y,),
+    )
+    return (*grads[:5], _absent(x) if grads[5] is None else grads[5])
+
+
+@_fused_backward_op.register_fake
+def _(grad_y, x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, verify):
+    grad_skip = _absent(x) if skip is None else skip.new_empty(skip.shape)
+    return (*(t.new_empty(t.shape) for t in (x, lam, gate_logits, u, merge)), grad_skip)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, verify = inputs
+    ctx.save_for_backward(x, lam, gate_logits, u, merge, skip)
+    ctx.args = (chunk, normalize, eps, verify)
+
+
+def _fused_backward(ctx, grad_y):
+    x, lam, gate_logits, u, merge, skip = ctx.saved_tensors
+    grads = _fused_backward_op(grad_y, x, lam, gate_logits, u, merge, skip, *ctx.args)
+    return (*grads[:5], grads[5] if skip is not None else None, None, None, None, None)
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+# ---- Entry points --------------------------------------------------------------------------------------------
+
+
 def _chunk(chunk_size: int | None) -> int:
     return 0 if chunk_size is None else int(chunk_size)
 
 
-class _ScanFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lam, gate_logits, direction: int, chunk: int):
-        ctx.save_for_backward(x, lam, gate_logits)
-        ctx.direction, ctx.chunk = direction, chunk
-        return _extension.scan_forward(x, lam, gate_logits, direction, chunk, _tile())
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        x, lam, gate_logits = ctx.saved_tensors
-        grads = _kernel_or_reference_grads(
-            lambda: _extension.scan_backward(grad_h, x, lam, gate_logits, ctx.direction, ctx.chunk, _tile()),
-            lambda *a: gspn_scan_reference(*a, DIRECTIONS[ctx.direction], ctx.chunk or None),
-            (x, lam, gate_logits),
-            grad_h,
-        )
-        return *grads, None, None
-
-
-class _FusedScanFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lam, gate_logits, u, merge, skip, chunk: int, normalize: bool, eps: float):
-        ctx.save_for_backward(x, lam, gate_logits, u, merge, skip)
-        ctx.chunk, ctx.normalize, ctx.eps = chunk, normalize, eps
-        return _extension.fused_forward(x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile())
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, lam, gate_logits, u, merge, skip = ctx.saved_tensors
-        grads = _kernel_or_reference_grads(
-            lambda: _extension.fused_backward(
-                grad_y, x, lam, gate_logits, u, merge, skip, ctx.chunk, ctx.normalize, ctx.eps, _tile()
-            ),
-            lambda *a: gspn_scan_fused_reference(*a, ctx.chunk or None, ctx.normalize, ctx.eps),
-            (x, lam, gate_logits, u, merge, skip),
-            grad_y,
-        )
-        grad_x, grad_lam, grad_gates, grad_u, grad_merge, grad_skip = grads
-        if skip is None:
-            grad_skip = None
-        return grad_x, grad_lam, grad_gates, grad_u, grad_merge, grad_skip, None, None, None
-
-
-def _kernel_or_reference_grads(
-    kernel_backward: Callable[[], Sequence[torch.Tensor]],
-    reference: Callable[..., torch.Tensor],
-    inputs: tuple[torch.Tensor | None, ...],
-    grad_out: torch.Tensor,
-) -> Sequence[torch.Tensor | None]:
-    """The kernel's gradients, or the reference's where the scan line is too long for the backward's shared memory.
-
-    ``inputs`` are the reference's tensor arguments in order; an absent one (``None``, e.g. no skip) stays
-    ``None`` and gets no gradient.
-    """
-    try:
-        return kernel_backward()
-    except RuntimeError as error:
-        if not _line_too_long(error):
-            raise
-    leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
-    with torch.enable_grad():
-        given = iter(leaves)
-        out = reference(*(None if t is None else next(given) for t in inputs))
-        grads = iter(torch.autograd.grad(out, leaves, grad_out))
-    return tuple(None if t is None else next(grads) for t in inputs)
-
-
-def kernel_scan(x, lam, gate_logits, direction: str, chunk_size: int | None = None) -> torch.Tensor:
-    """The kernel itself, no policy: inputs must be CUDA tensors of a supported dtype."""
-    return _ScanFunction.apply(x, lam, gate_logits, DIRECTIONS.index(direction), _chunk(chunk_size))
+def kernel_scan(
+    x, lam, gate_logits, direction: str, chunk_size: int | None = None, initial_state=None, return_final_state=False
+):
+    """The kernel on x's device (CUDA, or the emulation for CPU tensors) without the self-check."""
+    h, final = _scan_op(x, lam, gate_logits, DIRECTIONS.index(direction), _chunk(chunk_size), initial_state, False)
+    return (h, final) if return_final_state else h
 
 
 def kernel_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, normalize=False, eps=1e-6):
-    """The kernel itself, no policy: inputs must be CUDA tensors of a supported dtype."""
-    return _FusedScanFunction.apply(x, lam, gate_logits, u, merge, skip, _chunk(chunk_size), normalize, eps)
+    """The kernel on x's device (CUDA, or the emulation for CPU tensors) without the self-check."""
+    return _fused_op(x, lam, gate_logits, u, merge, skip, _chunk(chunk_size), normalize, eps, False)
 
 
-# Self-check tolerances (relative to the largest reference value) for forward and gradients.
+def cuda_scan(
+    x, lam, gate_logits, direction: str, chunk_size: int | None = None, initial_state=None, return_final_state=False
+):
+    """:func:`gspn_scan_reference` computed by the kernel where the policy allows (``auto``: once self-checked)."""
+    verify = requested_backend() == "auto"
+    h, final = _scan_op(x, lam, gate_logits, DIRECTIONS.index(direction), _chunk(chunk_size), initial_state, verify)
+    return (h, final) if return_final_state else h
+
+
+def cuda_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, normalize=False, eps=1e-6):
+    """:func:`gspn_scan_fused_reference` computed by the kernel where the policy allows."""
+    verify = requested_backend() == "auto"
+    return _fused_op(x, lam, gate_logits, u, merge, skip, _chunk(chunk_size), normalize, eps, verify)
+
+
+# ---- Self-check ----------------------------------------------------------------------------------------------
+
+# Tolerances (relative to the largest reference value) for forward and gradients.
 _CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
 
@@ -254,80 +442,7 @@ def self_check(device: torch.device, dtype: torch.dtype, fused: bool, normalize:
     return ""
 
 
-def _verified(x: torch.Tensor, fused: bool, normalize: bool, chunk_size: int | None) -> bool:
-    """auto: the one-time self-check of this device/dtype/mode; cuda: always True (the user forced the kernel)."""
-    if requested_backend() == "cuda":
-        return True
-    key = (x.device, x.dtype, fused, normalize, chunk_size is not None)
-    if key not in _self_checks and torch.cuda.is_current_stream_capturing():
-        return False  # no self-check (it synchronises) inside CUDA graph capture: the reference is captured
-    if key not in _self_checks:
-        problem = self_check(x.device, x.dtype, fused, normalize, chunk_size)
-        _self_checks[key] = not problem
-        if problem:
-            warnings.warn(
-                f"The GSPN CUDA kernel failed its self-check ({'fused' if fused else 'single'} scan, {x.dtype}, "
-                f"normalize={normalize}, chunked={chunk_size is not None}): {problem}. Running the PyTorch "
-                "reference for this mode; please report this. GSPN_DIFFUSERS_BACKEND=cuda forces the kernel.",
-                stacklevel=4,
-            )
-    return _self_checks[key]
-
-
-def _kernel_applies(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """CUDA tensors of one supported dtype on one device (mixed dtypes go to the reference, which upcasts)."""
-    same = all(t.dtype == x.dtype and t.device == x.device for t in others)
-    return x.is_cuda and x.dtype in SUPPORTED_DTYPES and same and load_extension() is not None
-
-
-def _line_too_long(error: RuntimeError) -> bool:
-    """The one kernel limit a valid input can hit: a scan line longer than shared memory holds (~14K positions)."""
-    if "does not fit in shared memory" not in str(error):
-        return False
-    if "line" not in _warned:
-        _warned.add("line")
-        warnings.warn(f"{error} Running the PyTorch reference for such sizes.", stacklevel=4)
-    return True
-
-
-def cuda_scan(
-    x, lam, gate_logits, direction: str, chunk_size: int | None = None, initial_state=None, return_final_state=False
-):
-    """:func:`gspn_scan_reference` computed by the kernel where it applies and passed its self-check."""
-    carried = initial_state is not None or return_final_state
-    if not carried and _kernel_applies(x, lam, gate_logits) and _verified(x, False, False, chunk_size):
-        try:
-            return kernel_scan(x, lam, gate_logits, direction, chunk_size)
-        except RuntimeError as error:
-            if not _line_too_long(error):
-                raise
-    return gspn_scan_reference(x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state)
-
-
-def cuda_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, normalize=False, eps=1e-6):
-    """:func:`gspn_scan_fused_reference` computed by the kernel where it applies and passed its self-check."""
-    if _kernel_applies(x, lam, gate_logits, u) and _verified(x, True, normalize, chunk_size):
-        try:
-            return kernel_scan_fused(x, lam, gate_logits, u, merge, skip, chunk_size, normalize, eps)
-        except RuntimeError as error:
-            if not _line_too_long(error):
-                raise
-    return gspn_scan_fused_reference(x, lam, gate_logits, u, merge, skip, chunk_size, normalize, eps)
-
-
 CUDA_BACKEND = Backend("cuda", cuda_scan, cuda_scan_fused)
-
-
-def cuda_backend() -> Backend | None:
-    """Build/import the extension and register the backend; None (after one warning saying why) on failure."""
-    if load_extension() is None:
-        if "build" not in _warned:
-            _warned.add("build")
-            warnings.warn(
-                f"The GSPN CUDA kernel is not available ({_load_error}); running the PyTorch reference instead. "
-                "Set GSPN_DIFFUSERS_BACKEND=reference to silence this.",
-                stacklevel=4,
-            )
-        return None
-    register_backend(CUDA_BACKEND)
-    return CUDA_BACKEND
+EMULATION_BACKEND = Backend("emulation", kernel_scan, kernel_scan_fused)
+register_backend(CUDA_BACKEND)
+register_backend(EMULATION_BACKEND)
