@@ -200,13 +200,30 @@ Tensor check_single(const Device& device, const Tensor& x, const Tensor& lam, co
   return gate.unsqueeze(3);  // one direction slot
 }
 
-Tensor run_forward(const Device& device, const Tensor& x, gspn::ScanInputs in, int64_t tile) {
+// The carried state of the single op, checked: (B, n_perp, C) in x's dtype and device, any strides; undefined
+// when absent.
+Tensor carried_state(const std::optional<Tensor>& state, const Tensor& x, int64_t direction, const char* name) {
+  if (!state.has_value() || !state->defined()) return Tensor();
+  check_same(*state, x, name);
+  const int64_t rows = direction >= 2 ? x.size(2) : x.size(1);
+  TORCH_CHECK(state->dim() == 3 && state->size(0) == x.size(0) && state->size(1) == rows &&
+                  state->size(2) == x.size(3),
+              "GSPN CUDA kernel: ", name, " must be (B, n_perp, C) = (", x.size(0), ", ", rows, ", ", x.size(3),
+              ") for direction ", direction, " (n_perp = H for the horizontal scans, W for the vertical ones), got ",
+              state->sizes(), ".");
+  return *state;
+}
+
+// final_state: undefined, or a contiguous (B, rows, C) tensor the kernel fills with the last line in scan order.
+Tensor run_forward(const Device& device, const Tensor& x, gspn::ScanInputs in, int64_t tile,
+                   const Tensor& final_state = Tensor()) {
   Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   choose_work_split(device, in, /*backward=*/false, tile, x.element_size());
   Tensor accum;
   gspn::ScanForwardOutputs out{};
   out.y = y.data_ptr();
+  if (final_state.defined()) out.final_state = final_state.data_ptr();
   if (in.dir_end - in.dir_begin > 1) {
     accum = x.scalar_type() == at::kFloat ? y : at::empty(x.sizes(), x.options().dtype(at::kFloat));
     out.accum = accum.data_ptr<float>();
@@ -217,8 +234,11 @@ Tensor run_forward(const Device& device, const Tensor& x, gspn::ScanInputs in, i
 
 // Backward outputs common to both ops; returns {grad_x, grad_lam, grad_gate (6-D), grad_u, merge part,
 // skip part}.
+// Carried state of the single op: grad_final (checked by carried_state, or undefined) and grad_initial (a
+// contiguous (B, rows, C) output, or undefined).
 std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, const Tensor& x, gspn::ScanInputs in,
-                                 bool u_per_direction, int64_t slots, int64_t tile) {
+                                 bool u_per_direction, int64_t slots, int64_t tile, const Tensor& grad_final = Tensor(),
+                                 const Tensor& grad_initial = Tensor()) {
   check_same(grad_y, x, "grad_output");
   check_shape(grad_y, x.sizes(), "grad_output");
   const auto f32 = x.options().dtype(at::kFloat);
@@ -269,6 +289,11 @@ std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, con
   args.grad_gate = grad_gate.data_ptr();
   if (merge_part.defined()) args.grad_merge_part = merge_part.data_ptr<float>();
   if (skip_part.defined()) args.grad_skip_part = skip_part.data_ptr<float>();
+  if (grad_final.defined()) {
+    args.grad_final = grad_final.data_ptr();
+    copy_strides(grad_final, args.grad_final_stride);
+  }
+  if (grad_initial.defined()) args.grad_initial = grad_initial.data_ptr();
 
   const int64_t length = gspn::max_rows(in);  // max(H, W) bounds every direction's scan length
   args.segment = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(length)))));
@@ -308,22 +333,58 @@ std::vector<Tensor> fused_backward(const Device& device, const Tensor& grad_y, c
   return {g[0], g[1], g[2].to(gate.scalar_type()), g[3], grad_merge.to(merge.scalar_type()), grad_skip};
 }
 
-Tensor scan_forward(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction,
-                    int64_t chunk, int64_t tile) {
-  const Tensor gate6 = check_single(device, x, lam, gate, direction);
-  const int d = static_cast<int>(direction);
-  return run_forward(device, x, make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0),
-                     tile);
+// Sets the carried initial state (undefined: none) of a single-direction call.
+void set_initial(gspn::ScanInputs& in, const Tensor& initial) {
+  if (!initial.defined()) return;
+  in.initial = initial.data_ptr();
+  copy_strides(initial, in.initial_stride);
 }
 
-// Returns {grad_x, grad_lam, grad_gate}.
-std::vector<Tensor> scan_backward(const Device& device, const Tensor& grad_h, const Tensor& x, const Tensor& lam,
-                                  const Tensor& gate, int64_t direction, int64_t chunk, int64_t tile) {
+Tensor state_like(const Tensor& x, int64_t direction) {
+  return at::empty({x.size(0), direction >= 2 ? x.size(2) : x.size(1), x.size(3)}, x.options());
+}
+
+// Returns {h, final_state (undefined unless requested)}.
+std::vector<Tensor> scan_forward(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate,
+                                 int64_t direction, int64_t chunk, const std::optional<Tensor>& initial_state,
+                                 bool return_final_state, int64_t tile) {
   const Tensor gate6 = check_single(device, x, lam, gate, direction);
+  const Tensor initial = carried_state(initial_state, x, direction, "initial_state");
   const int d = static_cast<int>(direction);
   gspn::ScanInputs in = make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0);
-  auto g = run_backward(device, grad_h, x, in, false, 1, tile);
-  return {g[0], g[1], g[2].squeeze(3).to(gate.scalar_type())};
+  set_initial(in, initial);
+  const Tensor final_state = return_final_state ? state_like(x, direction) : Tensor();
+  if (final_state.defined() && x.numel() == 0) {  // an empty block passes the state through
+    if (initial.defined()) {
+      final_state.copy_(initial);
+    } else {
+      final_state.zero_();
+    }
+  }
+  return {run_forward(device, x, in, tile, final_state), final_state};
+}
+
+// Returns {grad_x, grad_lam, grad_gate, grad_initial_state (undefined without initial_state)}.
+std::vector<Tensor> scan_backward(const Device& device, const Tensor& grad_h, const Tensor& x, const Tensor& lam,
+                                  const Tensor& gate, int64_t direction, int64_t chunk,
+                                  const std::optional<Tensor>& initial_state,
+                                  const std::optional<Tensor>& grad_final_state, int64_t tile) {
+  const Tensor gate6 = check_single(device, x, lam, gate, direction);
+  const Tensor initial = carried_state(initial_state, x, direction, "initial_state");
+  const Tensor grad_final = carried_state(grad_final_state, x, direction, "grad_final_state");
+  const int d = static_cast<int>(direction);
+  gspn::ScanInputs in = make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0);
+  set_initial(in, initial);
+  const Tensor grad_initial = initial.defined() ? state_like(x, direction) : Tensor();
+  if (grad_initial.defined() && x.numel() == 0) {  // an empty block passed the state through
+    if (grad_final.defined()) {
+      grad_initial.copy_(grad_final);
+    } else {
+      grad_initial.zero_();
+    }
+  }
+  auto g = run_backward(device, grad_h, x, in, false, 1, tile, grad_final, grad_initial);
+  return {g[0], g[1], g[2].squeeze(3).to(gate.scalar_type()), grad_initial};
 }
 
 // Registers the ops of `device` on a Python module; a `Guard` built from x.device() is held around each call.
@@ -353,21 +414,24 @@ void define_ops(pybind11::module& m, const Device& device) {
   m.def(
       "scan_forward",
       [&device](const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction, int64_t chunk,
-                int64_t tile) {
+                const std::optional<Tensor>& initial_state, bool return_final_state, int64_t tile) {
         const Guard guard(x.device());
-        return scan_forward(device, x, lam, gate, direction, chunk, tile);
+        return scan_forward(device, x, lam, gate, direction, chunk, initial_state, return_final_state, tile);
       },
-      "One-direction scan h (B, H, W, C).", py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("direction"),
-      py::arg("chunk"), py::arg("tile") = 0);
+      "One-direction scan: [h (B, H, W, C), final_state (B, n_perp, C) or None unless return_final_state].",
+      py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("direction"), py::arg("chunk"),
+      py::arg("initial_state") = py::none(), py::arg("return_final_state") = false, py::arg("tile") = 0);
   m.def(
       "scan_backward",
       [&device](const Tensor& grad_h, const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction,
-                int64_t chunk, int64_t tile) {
+                int64_t chunk, const std::optional<Tensor>& initial_state,
+                const std::optional<Tensor>& grad_final_state, int64_t tile) {
         const Guard guard(x.device());
-        return scan_backward(device, grad_h, x, lam, gate, direction, chunk, tile);
+        return scan_backward(device, grad_h, x, lam, gate, direction, chunk, initial_state, grad_final_state, tile);
       },
-      "Gradients of scan_forward: [x, lam, gate_logits].", py::arg("grad_h"), py::arg("x"), py::arg("lam"),
-      py::arg("gate_logits"), py::arg("direction"), py::arg("chunk"), py::arg("tile") = 0);
+      "Gradients of scan_forward: [x, lam, gate_logits, initial_state (None without it)].", py::arg("grad_h"),
+      py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("direction"), py::arg("chunk"),
+      py::arg("initial_state") = py::none(), py::arg("grad_final_state") = py::none(), py::arg("tile") = 0);
 }
 
 }  // namespace gspn_ops

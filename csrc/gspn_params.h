@@ -46,6 +46,11 @@ struct ScanInputs {
   int64_t merge_stride[2];  // direction, c (0 when one scalar per direction)
   int64_t skip_stride;
   bool gate_slot_is_direction;  // fused op: gate direction slot = direction; single op: slot 0
+  // Carried state (single-direction op only, no normalisation): the hidden line (B, rows, C) that precedes the
+  // first line in scan order, any strides, x's dtype; null: none. Used only by a global scan (chunk == 0): a
+  // chunked scan is cut into blocks at group boundaries, so its first line has no predecessor.
+  const void* initial;
+  int64_t initial_stride[3];  // b, row, c
 
   // Work split: one block per (channel tile, batch); ``tile`` channels per block, ``threads`` per block.
   int tile;
@@ -57,6 +62,7 @@ struct ScanInputs {
 struct ScanForwardOutputs {
   void* y;
   float* accum;
+  void* final_state;  // contiguous (B, rows, C) in x's dtype: the last line in scan order; null: not requested
 };
 
 // Backward: the upstream gradient and the gradients. Image-shaped outputs are contiguous.
@@ -75,6 +81,11 @@ struct ScanBackwardArgs {
   void* grad_gate;
   float* grad_merge_part;  // fp32 (B, 4, C) per-batch partial sums, null without merge
   float* grad_skip_part;   // fp32 (B, C) per-batch partial sums, null without skip
+  // Carried state: the gradient of the final state (added to the adjoint of the last line in scan order; any
+  // strides, x's dtype; null: none) and that of in.initial (contiguous (B, rows, C), x's dtype; null: none).
+  const void* grad_final;
+  int64_t grad_final_stride[3];  // b, row, c
+  void* grad_initial;
   // Per-block scratch for the recomputation (fp32): checkpoint lines and the lines of one segment.
   float* scratch;
   int64_t segment;       // lines per segment (about sqrt of the scan length)
@@ -94,7 +105,8 @@ inline size_t backward_shared_bytes(const ScanInputs& in) {
   return sizeof(float) * (2 * kNumGates * (in.normalize ? 2 : 1) * max_rows(in) * in.tile + in.threads);
 }
 
-// Scratch lines per block: checkpoints (one per segment), the recomputed lines of one segment, two rolling lines.
+// Scratch lines per block: checkpoints (one per segment; checkpoint 0 holds the carried initial state), the
+// recomputed lines of one segment, two rolling lines.
 GSPN_HOST_DEVICE inline int64_t backward_scratch_lines(int64_t segment, int64_t num_segments) {
   return num_segments + segment + 2;
 }

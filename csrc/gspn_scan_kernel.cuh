@@ -102,6 +102,18 @@ __host__ __device__ __forceinline__ bool starts_group(const Direction& g, int64_
   return g.reversed ? (l % chunk == chunk - 1) : (l % chunk == 0);
 }
 
+// Whether step s has a predecessor line: every step that does not start a group, and the first step of a global
+// scan given a carried initial state.
+__host__ __device__ __forceinline__ bool has_predecessor(const ScanInputs& in, const Direction& g, int64_t s) {
+  if (s == 0) return in.initial != nullptr && in.chunk == 0;
+  return !starts_group(g, s, in.chunk);
+}
+
+// Element r * C + c of a (B, rows, C) carried-state line, b fixed.
+__device__ __forceinline__ int64_t state_offset(const int64_t* stride, int64_t b, int64_t r, int64_t c) {
+  return b * stride[0] + r * stride[1] + c * stride[2];
+}
+
 // (line, row) of a direction -> image (y, x).
 __host__ __device__ __forceinline__ void image_pixel(const Direction& g, int64_t line, int64_t row, int64_t& y,
                                                      int64_t& x) {
@@ -222,10 +234,18 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
                               : 1.f;
     const int64_t slot = in.gate_slot_is_direction ? d : 0;
     const int64_t n = g.rows * tile;
+    if (in.initial != nullptr) {  // the carried line is step 0's predecessor (h_lines[0])
+      const T* init = static_cast<const T*>(in.initial);
+      for (int64_t e = threadIdx.x; t.active && e < n; e += blockDim.x) {
+        h_lines[e] = load_float(init + state_offset(in.initial_stride, t.b, e >> t.tile_shift, t.c));
+      }
+      __syncthreads();
+    }
 
     for (int64_t s = 0; s < g.length; ++s) {
       const int64_t line = image_line(g, s);
-      const bool start = starts_group(g, s, in.chunk);
+      const bool start = !has_predecessor(in, g, s);
+      const bool final_line = out.final_state != nullptr && s == g.length - 1;
       const float* h_prev = h_lines + (s & 1) * line_floats;
       float* h_cur = h_lines + ((s + 1) & 1) * line_floats;
       const float* z_prev = z_lines + (s & 1) * line_floats;
@@ -267,6 +287,7 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
             if (in.normalize) z += carried(w, z_prev, r, g.rows, tile, t.lane);
           }
           h_cur[e] = h;
+          if (final_line) static_cast<T*>(out.final_state)[(t.b * g.rows + r) * in.channels + t.c] = store_value<T>(h);
           float q = h;
           if (in.normalize) {
             z_cur[e] = z;
@@ -319,7 +340,7 @@ __device__ void recompute_line(const ScanInputs& in, const Lane& t, const Direct
   const T* xp = static_cast<const T*>(in.x);
   const T* lamp = static_cast<const T*>(in.lam);
   const int64_t line = image_line(g, s);
-  const bool start = starts_group(g, s, in.chunk);
+  const bool start = !has_predecessor(in, g, s);
   const int64_t n = g.rows * in.tile;
   if (!t.active) return;
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
@@ -380,9 +401,18 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
     const int64_t segments = (g.length + a.segment - 1) / a.segment;
     float merge_acc = 0.f;
 
+    // Checkpoint 0 holds the carried initial state (step 0's predecessor), unused without one.
+    if (in.initial != nullptr) {
+      const T* init = static_cast<const T*>(in.initial);
+      for (int64_t e = threadIdx.x; t.active && e < n; e += blockDim.x) {
+        scratch.h(0)[e] = load_float(init + state_offset(in.initial_stride, t.b, e >> t.tile_shift, t.c));
+      }
+      __syncthreads();
+    }
+
     // Phase A: checkpoint j (1 <= j < segments) holds line j * segment - 1.
-    const float* h_prev = nullptr;
-    const float* z_prev = nullptr;
+    const float* h_prev = scratch.h(0);
+    const float* z_prev = scratch.z(0);
     for (int64_t s = 0; s < (segments - 1) * a.segment; ++s) {
       const bool checkpoint = (s + 1) % a.segment == 0;
       const int64_t j = checkpoint ? (s + 1) / a.segment : roll_line0 + (s & 1);
@@ -404,7 +434,7 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
       }
       for (int64_t s = s1 - 1; s >= s0; --s) {
         const int64_t line = image_line(g, s);
-        const bool start = starts_group(g, s, in.chunk);
+        const bool start = !has_predecessor(in, g, s);
         const bool has_next = s + 1 < g.length;
         const int64_t prev_line = s == s0 ? seg : seg_line0 + (s - 1 - s0);
         const float* hp = scratch.h(prev_line);
@@ -453,6 +483,9 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
             }
             dh += ch;
             dz += cz;
+          }
+          if (a.grad_final != nullptr && s == g.length - 1) {  // the final state is h of the last line
+            dh += load_float(static_cast<const T*>(a.grad_final) + state_offset(a.grad_final_stride, t.b, r, t.c));
           }
 
           // Gates (and what this line sends back to line s - 1).
@@ -531,6 +564,17 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
           }
         }
         __syncthreads();
+      }
+    }
+
+    // Gradient of the carried initial state: what step 0 sent back to its predecessor (zero when it had none).
+    if (a.grad_initial != nullptr) {
+      for (int64_t e = threadIdx.x; t.active && e < n; e += blockDim.x) {
+        const int64_t r = e >> t.tile_shift;
+        float gi = contrib_h[1 * line_floats + e];
+        if (r + 1 < g.rows) gi += contrib_h[0 * line_floats + e + tile];
+        if (r > 0) gi += contrib_h[2 * line_floats + e - tile];
+        static_cast<T*>(a.grad_initial)[(t.b * g.rows + r) * in.channels + t.c] = store_value<T>(gi);
       }
     }
 

@@ -135,12 +135,15 @@ def test_single_direction_matches_reference(emu, direction, chunk_size, tile):
     gates = rand(gen, 2, 6, 9, 3, 3, low=-3.0, high=3.0)
     grad_h = torch.randn(2, 6, 9, 6, generator=gen)
     d = DIRECTIONS.index(direction)
-    h = emu.scan_forward(x, lam, gates, d, chunk_size or 0, tile)
+    h, final_state = emu.scan_forward(x, lam, gates, d, chunk_size or 0, tile=tile)
+    assert final_state is None  # not requested
     leaves = [t.double().requires_grad_() for t in (x, lam, gates)]
     expected = gspn_scan_reference(*leaves, direction, chunk_size)
     expected.backward(grad_h.double())
     assert rel_error(h, expected.detach()) <= FWD_TOL[torch.float32]
-    for got, leaf in zip(emu.scan_backward(grad_h, x, lam, gates, d, chunk_size or 0, tile), leaves, strict=True):
+    *grads, grad_initial = emu.scan_backward(grad_h, x, lam, gates, d, chunk_size or 0, tile=tile)
+    assert grad_initial is None  # no initial state
+    for got, leaf in zip(grads, leaves, strict=True):
         assert rel_error(got, leaf.grad) <= GRAD_TOL[torch.float32]
 
 
@@ -171,9 +174,159 @@ def test_bad_inputs_raise_clear_errors(emu):
     with pytest.raises(RuntimeError, match="has dtype"):
         emu.fused_forward(args[0], args[1].double(), *args[2:], 0, False, 1e-6, 0)
     with pytest.raises(RuntimeError, match="gate channels 3 must divide"):
-        emu.scan_forward(args[0], args[1], torch.zeros(1, 3, 4, 3, 3), 0, 0, 0)
+        emu.scan_forward(args[0], args[1], torch.zeros(1, 3, 4, 3, 3), 0, 0)
     with pytest.raises(RuntimeError, match="tile must be a power of two"):
-        emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 0, 0, 3)
+        emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 0, 0, tile=3)
     long = torch.ones(1, 30000, 1, 1)  # a 30000-position line needs 240 KB of shared memory
     with pytest.raises(RuntimeError, match="does not fit in shared memory.*GSPN_DIFFUSERS_BACKEND=reference"):
-        emu.scan_forward(long, long, torch.zeros(1, 30000, 1, 3, 1), 0, 0, 0)
+        emu.scan_forward(long, long, torch.zeros(1, 30000, 1, 3, 1), 0, 0)
+    # Carried state: (B, n_perp, C) with n_perp = W for a vertical scan, in x's dtype.
+    with pytest.raises(RuntimeError, match=r"initial_state must be \(B, n_perp, C\) = \(1, 4, 4\)"):
+        emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 2, 0, torch.zeros(1, 3, 4))
+    with pytest.raises(RuntimeError, match="initial_state has dtype"):
+        emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 0, 0, torch.zeros(1, 3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="grad_final_state must be"):
+        emu.scan_backward(args[0], args[0], args[1], args[2][:, :, :, 0], 0, 0, None, torch.zeros(1, 4, 4))
+
+
+# ---- Carried state of the single-direction op ---------------------------------------------------------------
+
+
+def scan_axis(direction: str) -> int:
+    return 1 if direction in ("top_to_bottom", "bottom_to_top") else 2
+
+
+def blocks_in_scan_order(t: torch.Tensor, direction: str, cuts: list[int]) -> list[torch.Tensor]:
+    """Views of t between the image-coordinate cuts along the scan axis, in the order the scan visits them."""
+    axis = scan_axis(direction)
+    bounds = [0, *cuts, t.shape[axis]]
+    blocks = [t.narrow(axis, lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    return blocks[::-1] if direction in ("right_to_left", "bottom_to_top") else blocks
+
+
+def from_scan_order(blocks: list[torch.Tensor], direction: str) -> torch.Tensor:
+    ordered = blocks[::-1] if direction in ("right_to_left", "bottom_to_top") else blocks
+    return torch.cat(ordered, dim=scan_axis(direction))
+
+
+def chained_scan(emu, inputs, grad_h, direction, cuts, chunk, initial, grad_final, tile=0):
+    """The scan block by block with the carried state, forward then backward (last block first)."""
+    d = DIRECTIONS.index(direction)
+    per_block = list(zip(*(blocks_in_scan_order(t, direction, cuts) for t in (*inputs, grad_h)), strict=True))
+    outputs, initials, state = [], [], initial
+    for x, lam, gates, _ in per_block:
+        initials.append(state)
+        h, state = emu.scan_forward(x, lam, gates, d, chunk, state, True, tile=tile)
+        outputs.append(h)
+    final_state, grads, carry = state, [], grad_final
+    for (x, lam, gates, gh), init in zip(per_block[::-1], initials[::-1], strict=True):
+        *g, carry = emu.scan_backward(gh, x, lam, gates, d, chunk, init, carry, tile=tile)
+        grads.insert(0, g)
+    grads = [from_scan_order(list(g), direction) for g in zip(*grads, strict=True)]
+    return from_scan_order(outputs, direction), final_state, grads, carry
+
+
+def reference_with_state(inputs, grad_h, direction, chunk_size, initial, grad_final):
+    """The reference with the initial state as an extra first line in scan order (lam = 1, x = state, no
+    predecessor), so its gradient is the gradient of x on that line; the final state is the last line of h."""
+    x, lam, gates = (t.double().requires_grad_() for t in inputs)
+    state = initial.double().requires_grad_()
+    axis = scan_axis(direction)
+    line = state.unsqueeze(axis)
+    ones = torch.ones_like(line)
+    zeros = torch.zeros(*line.shape[:3], 3, gates.shape[-1], dtype=gates.dtype)
+    first = direction in ("left_to_right", "top_to_bottom")
+
+    def pair(extra, t):
+        return torch.cat([extra, t] if first else [t, extra], dim=axis)
+
+    h = gspn_scan_reference(pair(line, x), pair(ones, lam), pair(zeros, gates), direction, chunk_size)
+    h = h.narrow(axis, 1 if first else 0, x.shape[axis])
+    final = h.select(axis, x.shape[axis] - 1 if first else 0)
+    (h * grad_h.double()).sum().add((final * grad_final.double()).sum()).backward()
+    return h.detach(), final.detach(), [x.grad, lam.grad, gates.grad], state.grad
+
+
+def state_case(direction, dtype, seed=0):
+    b, h, w, c, g = 2, 5, 7, 6, 3
+    gen = torch.Generator().manual_seed(seed)
+    inputs = [
+        rand(gen, b, h, w, c),
+        rand(gen, b, h, w, c, low=0.1, high=1.0),
+        rand(gen, b, h, w, 3, g, low=-3, high=3),
+    ]
+    n_perp = w if scan_axis(direction) == 1 else h
+    initial = rand(gen, b, c, n_perp).transpose(1, 2)  # (B, n_perp, C), not contiguous
+    grad_h, grad_final = torch.randn(b, h, w, c, generator=gen), torch.randn(b, n_perp, c, generator=gen)
+    return [t.to(dtype) for t in inputs], grad_h.to(dtype), initial.to(dtype), grad_final.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_carried_state_matches_reference(emu, direction, dtype):
+    """Blocks chained by the carried state = the whole scan = the reference, forward and every gradient."""
+    inputs, grad_h, initial, grad_final = state_case(direction, dtype)
+    cuts = [1, 3] if scan_axis(direction) == 1 else [2, 3, 6]
+    h, final, grads, grad_initial = chained_scan(emu, inputs, grad_h, direction, cuts, 0, initial, grad_final)
+    d = DIRECTIONS.index(direction)
+    whole_h, whole_final = emu.scan_forward(*inputs, d, 0, initial, True)
+    *whole_grads, whole_initial = emu.scan_backward(grad_h, *inputs, d, 0, initial, grad_final)
+    ref_h, ref_final, ref_grads, ref_initial = reference_with_state(
+        inputs, grad_h, direction, None, initial, grad_final
+    )
+    assert final.dtype == dtype and final.shape == initial.shape and final.is_contiguous()
+    assert grad_initial.dtype == dtype and grad_initial.shape == initial.shape
+    fwd, bwd = FWD_TOL[dtype], GRAD_TOL[dtype]
+    errors = {
+        "h": (rel_error(h, ref_h), rel_error(whole_h, ref_h), fwd),
+        "final": (rel_error(final, ref_final), rel_error(whole_final, ref_final), fwd),
+        "grad initial": (rel_error(grad_initial, ref_initial), rel_error(whole_initial, ref_initial), bwd),
+    }
+    for name, got, whole, ref in zip(("grad x", "grad lam", "grad gates"), grads, whole_grads, ref_grads, strict=True):
+        errors[name] = (rel_error(got, ref), rel_error(whole, ref), bwd)
+    bad = {k: v for k, v in errors.items() if not max(v[:2]) <= v[2]}
+    assert not bad, f"(chained, whole) vs reference: {bad}"
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_carried_state_chunked_blocks(emu, direction):
+    """Chunked scan cut at group boundaries: the chain equals the whole scan; the first line of every block starts
+    a group, so initial_state is unused and gets a zero gradient."""
+    inputs, grad_h, initial, grad_final = state_case(direction, torch.float32, seed=1)
+    cuts = [2] if scan_axis(direction) == 1 else [2, 6]  # multiples of the chunk, in image coordinates
+    h, final, grads, grad_initial = chained_scan(emu, inputs, grad_h, direction, cuts, 2, initial, grad_final)
+    leaves = [t.double().requires_grad_() for t in inputs]
+    expected = gspn_scan_reference(*leaves, direction, 2)
+    last = expected.select(scan_axis(direction), 0 if direction in ("right_to_left", "bottom_to_top") else -1)
+    (expected * grad_h.double()).sum().add((last * grad_final.double()).sum()).backward()
+    assert rel_error(h, expected.detach()) <= FWD_TOL[torch.float32]
+    assert rel_error(final, last.detach()) <= FWD_TOL[torch.float32]
+    for got, leaf in zip(grads, leaves, strict=True):
+        assert rel_error(got, leaf.grad) <= GRAD_TOL[torch.float32]
+    torch.testing.assert_close(grad_initial, torch.zeros_like(grad_initial), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tile", [1, 2, 4, 8, 16])
+def test_carried_state_every_tile(emu, tile):
+    """Every tile width the override allows: one carried block boundary, forward and backward."""
+    inputs, grad_h, initial, grad_final = state_case("bottom_to_top", torch.float32, seed=2)
+    h, final, grads, grad_initial = chained_scan(
+        emu, inputs, grad_h, "bottom_to_top", [3], 0, initial, grad_final, tile=tile
+    )
+    ref_h, ref_final, ref_grads, ref_initial = reference_with_state(
+        inputs, grad_h, "bottom_to_top", None, initial, grad_final
+    )
+    assert rel_error(h, ref_h) <= FWD_TOL[torch.float32] and rel_error(final, ref_final) <= FWD_TOL[torch.float32]
+    for got, ref in zip([*grads, grad_initial], [*ref_grads, ref_initial], strict=True):
+        assert rel_error(got, ref) <= GRAD_TOL[torch.float32]
+
+
+def test_carried_state_through_an_empty_block(emu):
+    """A block of zero lines passes the state (and its gradient) through unchanged."""
+    x = torch.zeros(1, 3, 0, 2)
+    state = torch.randn(1, 3, 2)
+    h, final = emu.scan_forward(x, x, torch.zeros(1, 3, 0, 3, 2), 0, 0, state, True)
+    assert h.shape == x.shape
+    torch.testing.assert_close(final, state, rtol=0, atol=0)
+    *_, grad_initial = emu.scan_backward(x, x, x, torch.zeros(1, 3, 0, 3, 2), 0, 0, state, 2 * state)
+    torch.testing.assert_close(grad_initial, 2 * state, rtol=0, atol=0)
