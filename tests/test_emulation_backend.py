@@ -103,7 +103,7 @@ def test_single_scan_with_carried_state_matches_reference(use_emulation, directi
 
     results = []
     for fn, dtype in ((gspn_scan, torch.float32), (gspn_scan_reference, torch.float64)):
-        leaves = [t.to(dtype).requires_grad_() for t in (x, lam, gates, state)]
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (x, lam, gates, state)]
         loss, h, final = run(fn, *leaves)
         loss.backward()
         results.append([h.detach(), final.detach(), *(leaf.grad for leaf in leaves)])
