@@ -1,34 +1,41 @@
-"""COCO FID and CLIP-T evaluation of a (GSPN or original) text-to-image pipeline, the GSPN paper's protocol.
+"""FID and CLIP-T evaluation of a (GSPN or original) text-to-image pipeline, with named protocols.
 
 from gspn_diffusers.evaluation import EvaluationConfig, evaluate
-results = evaluate(pipe, EvaluationConfig("captions_val2014.json", "val2014/", "runs/gspn", num_captions=5000,
-                                          height=1024, width=1024))
+config = EvaluationConfig.from_protocol("gspn-paper", None, "coco/val2014", "runs/gspn", captions_file="captions.txt")
+results = evaluate(pipe, config)
 """
 
 from __future__ import annotations
 
-from .coco import CaptionRecord, load_coco_captions, select_captions
+from .clip_t import ClipModel, ClipTScore, clip_checkpoint, load_clip
+from .coco import CaptionRecord, load_coco_captions, read_captions_file, select_captions
+from .fid import FidBackend, GaussianStats, fid_weights, frechet_distance, load_fid_backend
 from .generate import generate_images, read_manifest
-from .metrics import ClipModel, ClipTScore, build_fid, clip_checkpoint, inception_weights, load_clip
+from .protocols import PROTOCOLS, resolve_protocol
 from .report import format_comparison, format_table, load_results
-from .runner import EvaluationConfig, compute_metrics, evaluate
+from .runner import EvaluationConfig, evaluate
 
 __all__ = [
+    "PROTOCOLS",
     "CaptionRecord",
     "ClipModel",
     "ClipTScore",
     "EvaluationConfig",
-    "build_fid",
+    "FidBackend",
+    "GaussianStats",
     "clip_checkpoint",
-    "compute_metrics",
     "evaluate",
+    "fid_weights",
     "format_comparison",
     "format_table",
+    "frechet_distance",
     "generate_images",
-    "inception_weights",
     "load_clip",
     "load_coco_captions",
+    "load_fid_backend",
     "load_results",
+    "read_captions_file",
     "read_manifest",
+    "resolve_protocol",
     "select_captions",
 ]
