@@ -3,39 +3,44 @@
 from gspn_diffusers.evaluation import EvaluationConfig, evaluate
 config = EvaluationConfig.from_protocol("gspn-paper", None, "coco/val2014", "runs/gspn", captions_file="captions.txt")
 results = evaluate(pipe, config)
+
+Names are imported on first use, so that ``gspn-diffusers evaluate --help`` does not load torch and
+the metric libraries.
 """
 
 from __future__ import annotations
 
-from .clip_t import ClipModel, ClipTScore, clip_checkpoint, load_clip
-from .coco import CaptionRecord, load_coco_captions, read_captions_file, select_captions
-from .fid import FidBackend, GaussianStats, fid_weights, frechet_distance, load_fid_backend
-from .generate import generate_images, read_manifest
-from .protocols import PROTOCOLS, resolve_protocol
-from .report import format_comparison, format_table, load_results
-from .runner import EvaluationConfig, evaluate
+import importlib
+from typing import Any
 
-__all__ = [
-    "PROTOCOLS",
-    "CaptionRecord",
-    "ClipModel",
-    "ClipTScore",
-    "EvaluationConfig",
-    "FidBackend",
-    "GaussianStats",
-    "clip_checkpoint",
-    "evaluate",
-    "fid_weights",
-    "format_comparison",
-    "format_table",
-    "frechet_distance",
-    "generate_images",
-    "load_clip",
-    "load_coco_captions",
-    "load_fid_backend",
-    "load_results",
-    "read_captions_file",
-    "read_manifest",
-    "resolve_protocol",
-    "select_captions",
-]
+_EXPORTS = {
+    "ClipModel": "clip_t",
+    "ClipTScore": "clip_t",
+    "clip_checkpoint": "clip_t",
+    "load_clip": "clip_t",
+    "CaptionRecord": "coco",
+    "load_coco_captions": "coco",
+    "read_captions_file": "coco",
+    "select_captions": "coco",
+    "FidBackend": "fid",
+    "GaussianStats": "fid",
+    "fid_weights": "fid",
+    "frechet_distance": "fid",
+    "load_fid_backend": "fid",
+    "generate_images": "generate",
+    "read_manifest": "generate",
+    "PROTOCOLS": "protocols",
+    "resolve_protocol": "protocols",
+    "format_comparison": "report",
+    "format_table": "report",
+    "load_results": "report",
+    "EvaluationConfig": "runner",
+    "evaluate": "runner",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import TYPE_CHECKING
 
-from ..loading import load_pipeline
-from ..serialization import load_gspn
-from .fid import FID_BACKENDS, RESIZE_FILTERS
-from .protocols import PROTOCOLS
-from .reference import REFERENCE_SETS
-from .report import format_comparison, format_table, load_results
-from .runner import EvaluationConfig, evaluate
+from .protocols import FID_BACKENDS, FID_RESIZE_FILTERS, PROTOCOLS, REFERENCE_SETS
+
+if TYPE_CHECKING:  # torch, diffusers and the metrics load only when a command runs, not for --help
+    from .runner import EvaluationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +34,8 @@ _SETTINGS = {
 
 def _config(args: argparse.Namespace) -> EvaluationConfig:
     """The run's settings: the protocol's, then the flags given explicitly (recorded as overrides)."""
+    from .runner import EvaluationConfig
+
     explicit = {key: getattr(args, flag) for flag, key in _SETTINGS.items() if getattr(args, flag) is not None}
     return EvaluationConfig.from_protocol(
         args.protocol,
@@ -56,6 +56,8 @@ def _config(args: argparse.Namespace) -> EvaluationConfig:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    from .report import format_comparison, format_table, load_results
+
     if args.compare:
         a, b = (load_results(run) for run in args.compare)
         print(format_comparison(a, b, names=tuple(args.compare)))
@@ -77,6 +79,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
     config.check()
 
     from accelerate import PartialState
+
+    from ..loading import load_pipeline
+    from ..serialization import load_gspn
+    from .runner import evaluate
 
     state = PartialState(cpu=args.device == "cpu")
 
@@ -148,7 +154,7 @@ def add_evaluate_parser(subparsers) -> None:
     )
     parser.add_argument("--fid-backend", choices=FID_BACKENDS, default=None, help="FID library (torchmetrics).")
     parser.add_argument("--fid-size", type=int, default=None, help="Square size both image sets are resized to (299).")
-    parser.add_argument("--fid-resize", choices=list(RESIZE_FILTERS), default=None, help="Resize filter (bicubic).")
+    parser.add_argument("--fid-resize", choices=FID_RESIZE_FILTERS, default=None, help="Resize filter (bicubic).")
     parser.add_argument(
         "--fid-reference",
         choices=REFERENCE_SETS,

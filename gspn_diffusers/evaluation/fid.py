@@ -27,10 +27,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .protocols import FID_BACKENDS, FID_RESIZE_FILTERS
+
 logger = logging.getLogger(__name__)
 
-FID_BACKENDS = ("clean-fid", "torchmetrics")
-RESIZE_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+RESIZE_FILTERS = dict(zip(FID_RESIZE_FILTERS, (Image.Resampling.BICUBIC, Image.Resampling.LANCZOS), strict=True))
 # backend -> (file name, download URL) of its Inception weights
 FID_WEIGHTS = {
     "clean-fid": (

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# The vocabulary of the settings (kept here, import-free, so that the CLI's --help stays fast).
+FID_BACKENDS = ("clean-fid", "torchmetrics")
+FID_RESIZE_FILTERS = ("bicubic", "lanczos")
+REFERENCE_SETS = ("selected", "folder")
+
 _LINFUSION: dict[str, Any] = {
     "height": None,
     "width": None,

@@ -24,10 +24,10 @@ from .coco import CaptionRecord, check_reference_images
 from .fid import FidBackend, GaussianStats, feature_dim, fid_image
 from .files import save_npz_atomically
 from .fingerprint import file_set_key, module_sha256
+from .protocols import REFERENCE_SETS
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_SETS = ("selected", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 

@@ -26,11 +26,11 @@ from ..convert import get_unet, gspn_config_of, is_converted
 from ..loading import native_size
 from .clip_t import CLIP_T_DEFINITION, DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipModel, load_clip
 from .coco import CaptionRecord, read_captions_file, select_captions
-from .fid import FID_BACKENDS, RESIZE_FILTERS, custom_fid_backend, frechet_distance, load_fid_backend
+from .fid import custom_fid_backend, frechet_distance, load_fid_backend
 from .fingerprint import gspn_weights_sha256
 from .generate import check_manifest, check_settings, generate_images, write_manifest
-from .protocols import PROTOCOLS, resolve_protocol
-from .reference import REFERENCE_SETS, default_cache_dir, reference_files, reference_statistics
+from .protocols import FID_BACKENDS, FID_RESIZE_FILTERS, PROTOCOLS, REFERENCE_SETS, resolve_protocol
+from .reference import default_cache_dir, reference_files, reference_statistics
 from .report import RESULTS_FORMAT, RESULTS_VERSION, library_versions, write_results
 from .scoring import score_generated
 
@@ -107,7 +107,7 @@ class EvaluationConfig:
             problems.append(f"--fid-size must be at least 16 pixels, got {self.fid_size}")
         for name, value, choices in (
             ("--fid-backend", self.fid_backend, FID_BACKENDS),
-            ("--fid-resize", self.fid_resize, tuple(RESIZE_FILTERS)),
+            ("--fid-resize", self.fid_resize, FID_RESIZE_FILTERS),
             ("--fid-reference", self.fid_reference, REFERENCE_SETS),
         ):
             if value not in choices:
