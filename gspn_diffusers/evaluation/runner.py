@@ -26,7 +26,7 @@ from ..convert import get_unet, gspn_config_of, is_converted
 from ..loading import native_size
 from .clip_t import CLIP_T_DEFINITION, DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipModel, load_clip
 from .coco import CaptionRecord, read_captions_file, select_captions
-from .fid import custom_fid_backend, frechet_distance, load_fid_backend
+from .fid import FidBackend, custom_fid_backend, frechet_distance, load_fid_backend
 from .fingerprint import gspn_weights_sha256
 from .generate import check_manifest, check_settings, generate_images, write_manifest
 from .protocols import FID_BACKENDS, FID_RESIZE_FILTERS, PROTOCOLS, REFERENCE_SETS, resolve_protocol
@@ -180,7 +180,7 @@ def _generation_settings(
 
 def _load_metric_models(
     config: EvaluationConfig, fid_feature_extractor: nn.Module | None, clip: ClipModel | None, state: PartialState
-):
+) -> tuple[FidBackend, ClipModel]:
     """The FID backend and the CLIP model, loaded (and checked) on the CPU before any generation."""
     with state.main_process_first():  # one process downloads (when online), the others find the cache
         backend = (
