@@ -125,6 +125,7 @@ def test_presets_set_every_choice_and_record_overrides():
         "clip_model": "ViT-g-14",
         "clip_pretrained": "laion2b_s12b_b42k",
         "clip_prefix": "A photo depicts ",
+        "clip_image_size": 256,
         "fid_backend": "clean-fid",
         "fid_size": 256,
         "fid_resize": "lanczos",
@@ -177,7 +178,7 @@ def test_cli_protocol_run_records_every_setting(captions_and_folder, tmp_path):
         },
     }
     settings = results["settings"]
-    for key in ("guidance_scale", "clip_model", "clip_pretrained", "clip_prefix", "fid_backend", "fid_resize"):
+    for key in ("guidance_scale", "clip_model", "clip_pretrained", "clip_prefix", "clip_image_size", "fid_resize"):
         assert settings[key] == PROTOCOLS["linfusion"][key], key
     native = 128  # the tiny SD-1.5's size: LinFusion generates at the model's native size
     assert (settings["height"], settings["width"], settings["steps"], settings["num_captions"]) == (
@@ -188,6 +189,7 @@ def test_cli_protocol_run_records_every_setting(captions_and_folder, tmp_path):
     )
     assert settings["safety_checker"] is False and settings["captions_file"] == "captions.txt"
     assert results["metrics"]["clip_t"]["caption_prefix"] == "A photo depicts "
+    assert results["metrics"]["clip_t"]["image_preprocessing"] == "center square crop, lanczos resize to 256"
     fid = results["metrics"]["fid"]
     assert fid["reference"]["set"] == "folder" and (fid["num_real"], fid["num_generated"]) == (len(CAPTIONS), 3)
     assert fid["reference"]["cached"] is False and "lanczos resize to 32x32" in fid["preprocessing"]

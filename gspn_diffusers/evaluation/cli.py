@@ -25,6 +25,7 @@ _SETTINGS = {
     "clip_model": "clip_model",
     "clip_pretrained": "clip_pretrained",
     "clip_prefix": "clip_prefix",
+    "clip_image_size": "clip_image_size",
     "fid_backend": "fid_backend",
     "fid_size": "fid_size",
     "fid_resize": "fid_resize",
@@ -170,6 +171,9 @@ def add_evaluate_parser(subparsers) -> None:
         "--clip-pretrained", default=None, help="open_clip tag or local weights file (default laion2b_s12b_b42k)."
     )
     parser.add_argument("--clip-prefix", default=None, help="Text put before each caption for CLIP-T (default none).")
+    parser.add_argument(
+        "--clip-image-size", type=int, default=None, help="Square crop + resize before CLIP (default: image as is)."
+    )
     parser.add_argument(
         "--tiny-metrics", action="store_true", help="Random tiny FID/CLIP models: offline smoke test, no real numbers."
     )

@@ -3,11 +3,11 @@
 ``linfusion`` is LinFusion's published evaluation code (``src/eval``): 30k COCO-2014 captions
 (its ``assets/captions.txt``, caption i with seed i), the model's native size, 25 steps, guidance
 7.5; FID by clean-fid against the whole val2014 folder, both sides center-cropped to a square and
-resized to 256 with Lanczos; CLIP-T as the mean cosine of ViT-g-14 ``laion2b_s12b_b42k`` with
-"A photo depicts " before each caption. ``gspn-paper`` is the same at 1024x1024: the GSPN paper
-compares SD-1.5 at 1024 with LinFusion's numbers (FID 30.86, CLIP-T 0.307) and does not spell out
-its own settings, so LinFusion's are assumed. Explicit settings override a preset; the overrides
-are recorded in ``results.json``.
+resized to 256 with Lanczos; CLIP-T as the mean cosine of ViT-g-14 ``laion2b_s12b_b42k`` on the
+same 256 px square, with "A photo depicts " before each caption. ``gspn-paper`` is the same at
+1024x1024: the GSPN paper reports SD-1.5 at 1024 (FID 30.86, CLIP-T 0.307) beside LinFusion's
+numbers without spelling out its own settings, so LinFusion's are assumed. Explicit settings
+override a preset; the overrides are recorded in ``results.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ _LINFUSION: dict[str, Any] = {
     "clip_model": "ViT-g-14",
     "clip_pretrained": "laion2b_s12b_b42k",
     "clip_prefix": "A photo depicts ",
+    "clip_image_size": 256,
     "fid_backend": "clean-fid",
     "fid_size": 256,
     "fid_resize": "lanczos",

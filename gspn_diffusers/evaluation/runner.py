@@ -75,6 +75,7 @@ class EvaluationConfig:
     clip_model: str = DEFAULT_CLIP_MODEL
     clip_pretrained: str = DEFAULT_CLIP_PRETRAINED
     clip_prefix: str = ""
+    clip_image_size: int | None = None
     protocol: str | None = None
     protocol_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -105,6 +106,8 @@ class EvaluationConfig:
             problems.append(f"--num-workers must be 0 or more, got {self.num_workers}")
         if self.fid_size < 16:
             problems.append(f"--fid-size must be at least 16 pixels, got {self.fid_size}")
+        if self.clip_image_size is not None and self.clip_image_size < 16:
+            problems.append(f"--clip-image-size must be at least 16 pixels, got {self.clip_image_size}")
         for name, value, choices in (
             ("--fid-backend", self.fid_backend, FID_BACKENDS),
             ("--fid-resize", self.fid_resize, FID_RESIZE_FILTERS),
@@ -264,19 +267,7 @@ def evaluate(
     with state.split_between_processes(records) as share:
         share = list(share)
     fake, clip_t = score_generated(
-        share,
-        image_dir,
-        height,
-        width,
-        backend,
-        config.fid_size,
-        config.fid_resize,
-        clip_model,
-        config.clip_prefix,
-        state.device,
-        config.metric_batch_size,
-        config.num_workers,
-        show_progress=state.is_local_main_process,
+        share, image_dir, height, width, backend, clip_model, config, state.device, state.is_local_main_process
     )
     mu_fake, sigma_fake, num_fake = fake.mean_cov()
     fid = frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake)
@@ -303,6 +294,9 @@ def evaluate(
                 "scale": "cosine",
                 "model": f"{clip_model.name}/{clip_model.pretrained}",
                 "caption_prefix": config.clip_prefix,
+                "image_preprocessing": "as generated"
+                if config.clip_image_size is None
+                else f"center square crop, {config.fid_resize} resize to {config.clip_image_size}",
                 "definition": CLIP_T_DEFINITION,
             },
         },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -13,20 +14,24 @@ from .clip_t import ClipModel, ClipTScore
 from .coco import CaptionRecord
 from .fid import FidBackend, GaussianStats, feature_dim, fid_image
 
+if TYPE_CHECKING:
+    from .runner import EvaluationConfig
+
 
 class _GeneratedImages(Dataset):
-    """A generated PNG prepared for the FID backend and for CLIP, with its caption."""
+    """A generated PNG prepared for the FID backend and for CLIP, with its caption.
+
+    With ``clip_image_size`` the CLIP input is first center-cropped to a square and resized to it
+    (with the FID resize filter), as LinFusion does (256); otherwise CLIP's own preprocessing sees
+    the image as generated.
+    """
 
     def __init__(
-        self, records, folder: Path, height: int, width: int, backend: FidBackend, fid_size: int, fid_resize: str, clip
+        self, records, folder: Path, height: int, width: int, backend: FidBackend, clip, config: EvaluationConfig
     ) -> None:
         self.records, self.folder, self.height, self.width = records, folder, height, width
-        self.prepare, self.fid_size, self.fid_resize, self.clip_preprocess = (
-            backend.prepare,
-            fid_size,
-            fid_resize,
-            clip.preprocess,
-        )
+        self.prepare, self.clip_preprocess = backend.prepare, clip.preprocess
+        self.fid_size, self.resize, self.clip_size = config.fid_size, config.fid_resize, config.clip_image_size
 
     def __len__(self) -> int:
         return len(self.records)
@@ -40,8 +45,9 @@ class _GeneratedImages(Dataset):
                 f"{self.folder / record.png_name} is {image.size[0]}x{image.size[1]}, expected "
                 f"{self.width}x{self.height}; delete it to regenerate."
             )
-        fid_input = self.prepare(fid_image(image, self.fid_size, self.fid_resize))
-        return fid_input, self.clip_preprocess(image), record.caption
+        fid_input = self.prepare(fid_image(image, self.fid_size, self.resize))
+        clip_image = image if self.clip_size is None else fid_image(image, self.clip_size, self.resize)
+        return fid_input, self.clip_preprocess(clip_image), record.caption
 
 
 def score_generated(
@@ -50,13 +56,9 @@ def score_generated(
     height: int,
     width: int,
     backend: FidBackend,
-    fid_size: int,
-    fid_resize: str,
     clip: ClipModel,
-    clip_prefix: str,
+    config: EvaluationConfig,
     device: str | torch.device,
-    batch_size: int = 32,
-    num_workers: int = 0,
     show_progress: bool = True,
 ) -> tuple[GaussianStats, float]:
     """FID statistics and CLIP-T of the generated images of ``records`` (this process's share).
@@ -65,13 +67,13 @@ def score_generated(
     statistics and the score of all images.
     """
     backend.model.to(device)
-    clip_t = ClipTScore(clip, device, clip_prefix)
+    clip_t = ClipTScore(clip, device, config.clip_prefix)
     loader = DataLoader(
-        _GeneratedImages(records, folder, height, width, backend, fid_size, fid_resize, clip),
-        batch_size=batch_size,
-        num_workers=num_workers,
+        _GeneratedImages(records, folder, height, width, backend, clip, config),
+        batch_size=config.metric_batch_size,
+        num_workers=config.num_workers,
     )
-    stats = GaussianStats(feature_dim(backend, fid_size, device), device)
+    stats = GaussianStats(feature_dim(backend, config.fid_size, device), device)
     with torch.no_grad():
         for fid_input, pixels, captions in tqdm(loader, desc="metrics", unit="batch", disable=not show_progress):
             stats.update(backend.model(fid_input.to(device)))
