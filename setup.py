@@ -73,6 +73,7 @@ setup(
         "open_clip_torch>=2.26",
         "torchmetrics>=1.4",
         "torch-fidelity>=0.3",
+        "clean-fid>=0.1.35",  # FID with its clean resize (the LinFusion protocol)
         "numpy",
         "pillow",
         "tqdm",

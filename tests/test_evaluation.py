@@ -1,4 +1,4 @@
-"""COCO FID / CLIP-T evaluation on tiny models: the Frechet distance, caption selection, the end-to-end run,
+"""FID / CLIP-T evaluation on tiny models: the Frechet distance, caption selection, the end-to-end run,
 resuming, comparison and the errors raised before any expensive work."""
 
 from __future__ import annotations
@@ -12,20 +12,21 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from scipy import linalg
-from torch import nn
 
 from gspn_diffusers.cli import main
 from gspn_diffusers.evaluation import (
     EvaluationConfig,
-    build_fid,
+    GaussianStats,
     evaluate,
+    fid_weights,
     format_comparison,
+    frechet_distance,
     load_results,
     read_manifest,
     select_captions,
 )
-from gspn_diffusers.evaluation.coco import center_crop_resize
-from gspn_diffusers.evaluation.metrics import clip_checkpoint, inception_cache_path, inception_weights
+from gspn_diffusers.evaluation.clip_t import clip_checkpoint
+from gspn_diffusers.evaluation.fid import fid_image, fid_weights_cache_path
 from gspn_diffusers.evaluation.tiny_metrics import TinyFeatureExtractor, tiny_clip
 from gspn_diffusers.tiny import tiny_pipeline
 
@@ -71,21 +72,11 @@ def coco(tmp_path):
 
 
 def _config(coco, output_dir, **overrides) -> EvaluationConfig:
+    """Tiny settings; the FID reference cache goes beside the run (never the user's cache)."""
     annotation_file, images_dir = coco
-    values = dict(num_captions=4, seed=3, height=SIZE, width=SIZE, num_inference_steps=2, batch_size=3)
-    values.update(overrides)
+    values = dict(num_captions=4, seed=3, height=SIZE, width=SIZE, num_inference_steps=2, batch_size=3, fid_size=32)
+    values.update(fid_cache=str(output_dir) + "-fid-cache", **overrides)
     return EvaluationConfig(str(annotation_file), str(images_dir), str(output_dir), **values)
-
-
-class _Identity(nn.Module):
-    """Features are the input itself: lets the test hand torchmetrics samples of known Gaussians."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.num_features = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
 
 
 def _closed_form(mu1, sigma1, mu2, sigma2) -> float:
@@ -101,10 +92,14 @@ def test_frechet_distance_matches_scipy_closed_form():
     sigma1, sigma2 = a @ a.T / dim + 0.1 * np.eye(dim), b @ b.T / dim + 0.1 * np.eye(dim)
     x = rng.multivariate_normal(mu1, sigma1, size=n)
     y = rng.multivariate_normal(mu2, sigma2, size=n)
-    metric = build_fid(_Identity(dim))
-    metric.update(torch.from_numpy(x), real=True)
-    metric.update(torch.from_numpy(y), real=False)
-    fid = float(metric.compute())
+    real, fake = GaussianStats(dim), GaussianStats(dim)
+    for stats, samples in ((real, x), (fake, y)):
+        for chunk in np.array_split(samples, 7):  # streamed in batches, as the metric pass does
+            stats.update(torch.from_numpy(chunk))
+    (mu_x, cov_x, n_x), (mu_y, cov_y, _) = real.mean_cov(), fake.mean_cov()
+    assert n_x == n
+    np.testing.assert_allclose(cov_x, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-12)
+    fid = frechet_distance(mu_x, cov_x, mu_y, cov_y)
     # Exactly the Frechet distance of the samples' Gaussians ...
     empirical = _closed_form(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
     assert fid == pytest.approx(empirical, rel=1e-6)
@@ -112,10 +107,12 @@ def test_frechet_distance_matches_scipy_closed_form():
     assert fid == pytest.approx(_closed_form(mu1, sigma1, mu2, sigma2), rel=0.05)
     assert fid > 1.0
 
-    same = build_fid(_Identity(dim))
-    same.update(torch.from_numpy(x), real=True)
-    same.update(torch.from_numpy(x), real=False)
-    assert abs(float(same.compute())) < 1e-6
+    assert abs(frechet_distance(mu_x, cov_x, mu_x, cov_x)) < 1e-6
+    # A singular covariance (fewer samples than dimensions) still gives a finite distance.
+    few = GaussianStats(dim)
+    few.update(torch.from_numpy(x[:3]))
+    mu_f, cov_f, _ = few.mean_cov()
+    assert np.isfinite(frechet_distance(mu_f, cov_f, mu_y, cov_y))
 
 
 def test_caption_selection_is_seeded_distinct_and_a_prefix(coco):
@@ -136,12 +133,16 @@ def test_caption_selection_is_seeded_distinct_and_a_prefix(coco):
         select_captions(annotation_file, 7)
 
 
-def test_center_crop_resize_keeps_the_center():
+@pytest.mark.parametrize("resize", ["bicubic", "lanczos"])
+def test_fid_image_keeps_the_center_square(resize):
     image = Image.new("RGB", (120, 60), (255, 0, 0))
     ImageDraw.Draw(image).rectangle((30, 0, 89, 59), fill=(0, 0, 255))  # the centered square is blue
-    out = np.asarray(center_crop_resize(image, 32, 32))
+    out = np.asarray(fid_image(image, 32, resize))
     assert out.shape == (32, 32, 3)
     assert out[..., 2].min() > 240 and out[..., 0].max() < 15
+    portrait = Image.new("RGB", (40, 100), (0, 255, 0))
+    ImageDraw.Draw(portrait).rectangle((0, 30, 39, 69), fill=(0, 0, 255))
+    assert np.asarray(fid_image(portrait, 40, resize))[..., 1].max() == 0  # 40x40 crop of the blue middle, as is
 
 
 def _count_unet_calls(pipe) -> list[int]:
@@ -170,14 +171,16 @@ def test_end_to_end_run_resumes_without_regenerating(coco, tmp_path):
     saved = load_results(tmp_path / "run")
     assert saved == json.loads(json.dumps(results))
     assert np.isfinite(saved["metrics"]["fid"]["value"]) and saved["metrics"]["fid"]["value"] > 0
-    assert -100 <= saved["metrics"]["clip_t"]["value"] <= 100
+    assert -1 <= saved["metrics"]["clip_t"]["value"] <= 1 and saved["metrics"]["clip_t"]["scale"] == "cosine"
+    assert saved["metrics"]["fid"]["num_real"] == saved["metrics"]["fid"]["num_generated"] == 4
+    assert saved["settings"]["safety_checker"] is False and saved["protocol"] == {"name": None, "overrides": {}}
     settings = saved["settings"]
     assert (settings["model"], settings["num_captions"], settings["seed"]) == ("tiny-sd15", 4, 3)
     assert (settings["height"], settings["width"], settings["steps"], settings["guidance_scale"]) == (64, 64, 2, 7.5)
     assert settings["original"] is True and settings["gspn_weights"] is None
     assert saved["metrics"]["clip_t"]["model"] == "tiny-random-clip/random"
     assert saved["settings"]["annotation_file"] == config.annotation_file
-    assert all(saved["versions"][name] for name in ("torch", "diffusers", "torchmetrics", "open_clip_torch"))
+    assert all(saved["versions"][name] for name in ("torch", "diffusers", "clean-fid", "open_clip_torch"))
     assert saved["run"]["started"] <= saved["run"]["finished"]
 
     mtimes = {name: (image_dir / name).stat().st_mtime_ns for name in pngs}
@@ -236,7 +239,7 @@ def test_compare_two_runs(coco, tmp_path, capsys):
     assert "guidance_scale *" in table and "steps *" not in table
     assert main(["evaluate", "--compare", str(tmp_path / "a"), str(tmp_path / "b" / "results.json")]) == 0
     out = capsys.readouterr().out
-    assert "FID" in out and "CLIP-T" in out and f"{a['metrics']['clip_t']['value']:.3f}" in out
+    assert "FID" in out and "CLIP-T" in out and f"{a['metrics']['clip_t']['value']:.4f}" in out
 
 
 def _never_load():
@@ -271,21 +274,25 @@ def test_bad_inputs_fail_before_loading_the_pipeline(coco, tmp_path, break_input
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_metric_weights_fail_fast_with_the_file_to_provide(coco, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "backend, file_name",
+    [("torchmetrics", "weights-inception-2015-12-05-6726825d.pth"), ("clean-fid", "inception-2015-12-05.pt")],
+)
+def test_missing_metric_weights_fail_fast_with_the_file_to_provide(coco, tmp_path, monkeypatch, backend, file_name):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    expected = tmp_path / "torch_home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
-    assert inception_cache_path() == expected
+    expected = tmp_path / "torch_home" / "hub" / "checkpoints" / file_name
+    assert fid_weights_cache_path(backend) == expected
     with pytest.raises(FileNotFoundError) as info:
-        evaluate(_never_load, _config(coco, tmp_path / "run"), clip=tiny_clip())
+        evaluate(_never_load, _config(coco, tmp_path / "run", fid_backend=backend), clip=tiny_clip())
     assert str(expected) in str(info.value) and "--fid-weights" in str(info.value)
     with pytest.raises(FileNotFoundError, match="do not exist"):
-        inception_weights(tmp_path / "nowhere.pth")
+        fid_weights(backend, tmp_path / "nowhere.pth")
     expected.parent.mkdir(parents=True)
     expected.write_bytes(b"")
-    assert inception_weights() == expected
+    assert fid_weights(backend) == expected
 
-    with pytest.raises(FileNotFoundError, match="laion/CLIP-ViT-g-14-laion2B-s34B-b88K.*--clip-pretrained"):
+    with pytest.raises(FileNotFoundError, match="laion/CLIP-ViT-g-14-laion2B-s12B-b42K.*--clip-pretrained"):
         evaluate(_never_load, _config(coco, tmp_path / "run"), fid_feature_extractor=TinyFeatureExtractor())
     with pytest.raises(ValueError, match="neither a file nor an open_clip tag"):
         clip_checkpoint("ViT-B-32", "no_such_tag")
@@ -315,6 +322,10 @@ def test_cli_smoke_run_and_errors(coco, tmp_path, caplog, capsys):
         "--gspn-weights",
         str(weights),
         "--tiny-metrics",
+        "--fid-cache",
+        str(tmp_path / "fid_cache"),
+        "--fid-size",
+        "32",
         "--num-captions",
         "2",
         "--height",

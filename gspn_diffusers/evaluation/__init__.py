@@ -1,34 +1,46 @@
-"""COCO FID and CLIP-T evaluation of a (GSPN or original) text-to-image pipeline, the GSPN paper's protocol.
+"""FID and CLIP-T evaluation of a (GSPN or original) text-to-image pipeline, with named protocols.
 
 from gspn_diffusers.evaluation import EvaluationConfig, evaluate
-results = evaluate(pipe, EvaluationConfig("captions_val2014.json", "val2014/", "runs/gspn", num_captions=5000,
-                                          height=1024, width=1024))
+config = EvaluationConfig.from_protocol("gspn-paper", None, "coco/val2014", "runs/gspn", captions_file="captions.txt")
+results = evaluate(pipe, config)
+
+Names are imported on first use, so that ``gspn-diffusers evaluate --help`` does not load torch and
+the metric libraries.
 """
 
 from __future__ import annotations
 
-from .coco import CaptionRecord, load_coco_captions, select_captions
-from .generate import generate_images, read_manifest
-from .metrics import ClipModel, ClipTScore, build_fid, clip_checkpoint, inception_weights, load_clip
-from .report import format_comparison, format_table, load_results
-from .runner import EvaluationConfig, compute_metrics, evaluate
+import importlib
+from typing import Any
 
-__all__ = [
-    "CaptionRecord",
-    "ClipModel",
-    "ClipTScore",
-    "EvaluationConfig",
-    "build_fid",
-    "clip_checkpoint",
-    "compute_metrics",
-    "evaluate",
-    "format_comparison",
-    "format_table",
-    "generate_images",
-    "inception_weights",
-    "load_clip",
-    "load_coco_captions",
-    "load_results",
-    "read_manifest",
-    "select_captions",
-]
+_EXPORTS = {
+    "ClipModel": "clip_t",
+    "ClipTScore": "clip_t",
+    "clip_checkpoint": "clip_t",
+    "load_clip": "clip_t",
+    "CaptionRecord": "coco",
+    "load_coco_captions": "coco",
+    "read_captions_file": "coco",
+    "select_captions": "coco",
+    "FidBackend": "fid",
+    "GaussianStats": "fid",
+    "fid_weights": "fid",
+    "frechet_distance": "fid",
+    "load_fid_backend": "fid",
+    "generate_images": "generate",
+    "read_manifest": "generate",
+    "PROTOCOLS": "protocols",
+    "resolve_protocol": "protocols",
+    "format_comparison": "report",
+    "format_table": "report",
+    "load_results": "report",
+    "EvaluationConfig": "runner",
+    "evaluate": "runner",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

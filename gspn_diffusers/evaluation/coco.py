@@ -1,10 +1,13 @@
-"""COCO captions: read an annotation file, pick the evaluation captions and their seeds, load reference images.
+"""Evaluation captions: from a COCO annotation file (captions and seeds picked by a seed) or a plain captions file.
 
 The protocol: a fixed seed shuffles the COCO images that have captions, takes the first N of them and
 one random caption of each, and draws one generation seed per caption. Every reference image is
 therefore used once, so the FID reference set is exactly the images of the selected captions. Because
 the whole shuffled list is drawn before the first N are taken, a selection of N captions is the prefix
 of the selection of any larger N with the same seed (a 5k run is the start of the 30k run).
+
+A captions file (one caption a line, as LinFusion's ``assets/captions.txt``) gives caption ``i``
+the seed ``i``, and no reference image of its own.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ SEED_RANGE = 2**31
 
 @dataclass(frozen=True)
 class CaptionRecord:
-    """One evaluation sample: ``index`` names the generated PNG (``000123.png``)."""
+    """One evaluation sample: ``index`` names the generated PNG (``000123.png``); COCO ids are ``None`` for a
+    caption from a captions file."""
 
     index: int
-    image_id: int
-    caption_id: int
-    file_name: str
+    image_id: int | None
+    caption_id: int | None
+    file_name: str | None
     caption: str
     seed: int
 
@@ -102,6 +106,24 @@ def select_captions(annotation_file: str | Path, num_captions: int, seed: int = 
     ]
 
 
+def read_captions_file(captions_file: str | Path, num_captions: int | None = None) -> list[CaptionRecord]:
+    """The first ``num_captions`` (default: all) non-empty lines of a text file; caption ``i`` gets seed ``i``."""
+    path = Path(captions_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Captions file {str(path)!r} does not exist; pass a text file, one caption a line.")
+    try:
+        captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not a UTF-8 text file ({error}); pass one caption a line.") from error
+    num_captions = len(captions) if num_captions is None else num_captions
+    if not 0 < num_captions <= len(captions):
+        raise ValueError(
+            f"Cannot take {num_captions} captions: {path} has {len(captions)} non-empty lines; pass --num-captions "
+            f"between 1 and {len(captions)}."
+        )
+    return [CaptionRecord(i, None, None, None, caption, i) for i, caption in enumerate(captions[:num_captions])]
+
+
 def check_reference_images(records: list[CaptionRecord], image_dir: str | Path) -> Path:
     """Fail before any generation when the COCO image folder or a selected image is missing or not an image.
 
@@ -130,23 +152,3 @@ def check_reference_images(records: list[CaptionRecord], image_dir: str | Path) 
                 "original file from the COCO archive."
             ) from error
     return folder
-
-
-def center_crop_resize(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Crop the largest centered box with the target aspect ratio, then resize (antialiased bicubic) to it.
-
-    Reference photos go through this so that they match the generated images in size and aspect
-    before the metric's own preprocessing; generated images already have the size and pass through.
-    """
-    image = image.convert("RGB")
-    if image.size == (width, height):
-        return image
-    scale = min(image.width / width, image.height / height)
-    crop_w, crop_h = round(width * scale), round(height * scale)
-    left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
-    return image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BICUBIC)
-
-
-def load_reference_image(folder: Path, record: CaptionRecord, height: int, width: int) -> Image.Image:
-    with Image.open(folder / record.file_name) as image:
-        return center_crop_resize(image, height, width)

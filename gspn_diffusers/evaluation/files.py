@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 
@@ -22,4 +23,11 @@ def write_text_atomically(path: Path, text: str) -> None:
 def save_png_atomically(image: Image.Image, path: Path) -> None:
     tmp = _temporary(path)
     image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_npz_atomically(path: Path, **arrays: np.ndarray) -> None:
+    tmp = _temporary(path)
+    with tmp.open("wb") as file:
+        np.savez(file, **arrays)
     os.replace(tmp, path)

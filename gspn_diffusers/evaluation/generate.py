@@ -42,6 +42,21 @@ def read_manifest(image_dir: str | Path) -> list[CaptionRecord]:
     return [CaptionRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
+def check_manifest(image_dir: Path, records: Sequence[CaptionRecord]) -> None:
+    """Refuse a folder whose images were made for other captions or seeds (an edited captions file, say).
+
+    Only the indices both lists have are compared: more captions with the same source extend a run.
+    """
+    if not (image_dir / MANIFEST_NAME).is_file():
+        return
+    for old, new in zip(read_manifest(image_dir), records, strict=False):
+        if (old.caption, old.seed) != (new.caption, new.seed):
+            raise ValueError(
+                f"{image_dir} holds image {old.png_name} made for caption {old.caption!r} (seed {old.seed}), not "
+                f"{new.caption!r} (seed {new.seed}); use another output folder, or delete that folder to start over."
+            )
+
+
 def check_settings(image_dir: Path, settings: dict[str, Any], write: bool = True) -> None:
     """Refuse to resume into a folder whose images were made with other settings (mixing them is silent garbage).
 

@@ -11,6 +11,7 @@ from .files import write_text_atomically
 
 RESULTS_NAME = "results.json"
 RESULTS_FORMAT = "gspn-diffusers-evaluation"
+RESULTS_VERSION = 2  # 2: CLIP-T as a mean cosine (version 1 stored 100 x the cosine)
 _PACKAGES = (
     "gspn-diffusers",
     "torch",
@@ -19,11 +20,12 @@ _PACKAGES = (
     "accelerate",
     "torchmetrics",
     "torch-fidelity",
+    "clean-fid",
     "open_clip_torch",
 )
-# metric -> (label, whether lower is better)
-METRICS = {"fid": ("FID", True), "clip_t": ("CLIP-T", False)}
-_SETTING_ROWS = ("model", "gspn_weights", "num_captions", "resolution", "steps", "guidance_scale", "seed")
+# metric -> (label, whether lower is better, decimals shown: CLIP-T differences live in the third decimal)
+METRICS = {"fid": ("FID", True, 3), "clip_t": ("CLIP-T", False, 4)}
+_SETTING_ROWS = ("protocol", "model", "gspn_weights", "num_captions", "resolution", "steps", "guidance_scale", "seed")
 
 
 def library_versions() -> dict[str, str | None]:
@@ -55,14 +57,18 @@ def load_results(run: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({error}).") from error
     if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
         raise ValueError(f"{path} is not a gspn-diffusers evaluation results file.")
+    clip_t = results.get("metrics", {}).get("clip_t", {})
+    if results.get("format_version", 1) == 1 and isinstance(clip_t.get("value"), float):
+        clip_t["value"] /= 100.0  # version 1 stored 100 x the cosine: put it on today's scale
+        clip_t["scale"] = "cosine (converted from a version 1 file)"
     return results
 
 
-def _cell(value: Any) -> str:
-    """Metrics with 3 decimals; settings as given."""
+def _cell(value: Any, decimals: int = 3) -> str:
+    """Metrics with their decimals; settings as given."""
     if value is None:
         return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return f"{value:.{decimals}f}" if isinstance(value, float) else str(value)
 
 
 def _setting(results: dict[str, Any], key: str) -> Any:
@@ -82,7 +88,10 @@ def _render(header: list[str], rows: list[list[str]]) -> str:
 
 def format_table(results: dict[str, Any]) -> str:
     """A short two-column table: the metrics, then the settings that define the run."""
-    rows = [[label, _cell(results["metrics"].get(key, {}).get("value"))] for key, (label, _) in METRICS.items()]
+    rows = [
+        [label, _cell(results["metrics"].get(key, {}).get("value"), decimals)]
+        for key, (label, _, decimals) in METRICS.items()
+    ]
     rows += [[key, str(_setting(results, key))] for key in _SETTING_ROWS]
     return _render(["", "value"], rows)
 
@@ -90,23 +99,23 @@ def format_table(results: dict[str, Any]) -> str:
 def format_comparison(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("A", "B")) -> str:
     """Two runs side by side with the metric deltas (B - A); settings that differ are marked with ``*``."""
     rows = []
-    for key, (label, lower_is_better) in METRICS.items():
+    for key, (label, lower_is_better, decimals) in METRICS.items():
         va, vb = (r["metrics"].get(key, {}).get("value") for r in (a, b))
-        delta = None if va is None or vb is None else round(vb - va, 3)  # as shown: +0.000 is neither
+        delta = None if va is None or vb is None else round(vb - va, decimals)  # as shown: +0.000 is neither
         better = "" if not delta else " (better)" if (delta < 0) == lower_is_better else " (worse)"
         rows.append(
             [
                 f"{label} ({'lower' if lower_is_better else 'higher'} is better)",
-                _cell(va),
-                _cell(vb),
-                (f"{delta:+.3f}" + better) if delta is not None else "-",
+                _cell(va, decimals),
+                _cell(vb, decimals),
+                (f"{delta:+.{decimals}f}" + better) if delta is not None else "-",
             ]
         )
     for key in _SETTING_ROWS:
         sa, sb = _setting(a, key), _setting(b, key)
         rows.append([key + (" *" if sa != sb else ""), str(sa), str(sb), ""])
-    for key in ("clip_t", "fid"):
-        ma, mb = (r["metrics"].get(key, {}).get("model") for r in (a, b))
+    for key, field in (("clip_t", "model"), ("clip_t", "caption_prefix"), ("fid", "model"), ("fid", "preprocessing")):
+        ma, mb = (r["metrics"].get(key, {}).get(field) for r in (a, b))
         if ma != mb:
-            rows.append([f"{METRICS[key][0]} model *", _cell(ma), _cell(mb), "not comparable"])
+            rows.append([f"{METRICS[key][0]} {field} *", _cell(ma), _cell(mb), "not comparable"])
     return _render(["", names[0], names[1], "B - A"], rows)

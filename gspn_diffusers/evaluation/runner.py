@@ -1,157 +1,176 @@
-"""``evaluate``: the whole protocol (select captions, check inputs and weights, generate, FID + CLIP-T, results)."""
+"""``evaluate``: the whole protocol (check the settings, pick captions, load the metric models, generate, score).
+
+Everything that can fail cheaply fails before the pipeline loads: the settings, the captions, the
+reference images and the metric weights (loaded and run once on the CPU, kept there during
+generation, moved to the device after it).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import PartialState
 from diffusers import DiffusionPipeline
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ..convert import get_unet, gspn_config_of, is_converted
 from ..loading import native_size
-from .coco import CaptionRecord, check_reference_images, load_reference_image, select_captions
-from .generate import check_settings, generate_images, write_manifest
-from .metrics import (
-    DEFAULT_CLIP_MODEL,
-    DEFAULT_CLIP_PRETRAINED,
-    INCEPTION_NAME,
-    ClipModel,
-    ClipTScore,
-    build_fid,
-    clip_checkpoint,
-    inception_weights,
-    load_clip,
-)
-from .report import RESULTS_FORMAT, library_versions, write_results
+from .clip_t import CLIP_T_DEFINITION, DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipModel, load_clip
+from .coco import CaptionRecord, read_captions_file, select_captions
+from .fid import FidBackend, custom_fid_backend, frechet_distance, load_fid_backend
+from .fingerprint import gspn_weights_sha256
+from .generate import check_manifest, check_settings, generate_images, write_manifest
+from .protocols import FID_BACKENDS, FID_RESIZE_FILTERS, PROTOCOLS, REFERENCE_SETS, resolve_protocol
+from .reference import default_cache_dir, reference_files, reference_statistics
+from .report import RESULTS_FORMAT, RESULTS_VERSION, library_versions, write_results
+from .scoring import score_generated
 
 logger = logging.getLogger(__name__)
 
 IMAGES_DIR = "images"
+COCO_DEFAULT_CAPTIONS = 30000
 
 
 @dataclass
 class EvaluationConfig:
     """What defines an evaluation run; everything here is recorded in ``results.json``.
 
-    ``height``/``width`` default to the model's native size (the paper evaluates SD-1.5 at 1024).
-    ``num_captions``: 30000 or 5000 in the literature, any number up to the images in the file.
+    Captions come from a COCO ``annotation_file`` (``num_captions`` images picked by ``seed``,
+    default 30000) or a ``captions_file`` (one a line, caption i with seed i, default all lines).
+    ``image_dir`` holds the FID reference images: the COCO images of the selected captions
+    (``fid_reference="selected"``) or the whole folder (``"folder"``). ``height``/``width``
+    default to the model's native size. :meth:`from_protocol` fills the settings of a named protocol.
     """
 
-    annotation_file: str
-    image_dir: str
+    annotation_file: str | None
+    image_dir: str | None
     output_dir: str
-    num_captions: int = 30000
+    captions_file: str | None = None
+    num_captions: int | None = None
     seed: int = 0
     height: int | None = None
     width: int | None = None
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     negative_prompt: str | None = None
+    safety_checker: bool = False
     batch_size: int = 1
     metric_batch_size: int = 32
     num_workers: int = 0
+    fid_backend: str = "torchmetrics"
+    fid_size: int = 299
+    fid_resize: str = "bicubic"
+    fid_reference: str = "selected"
     fid_weights: str | None = None
+    fid_cache: str | None = None
     clip_model: str = DEFAULT_CLIP_MODEL
     clip_pretrained: str = DEFAULT_CLIP_PRETRAINED
+    clip_prefix: str = ""
+    clip_image_size: int | None = None
+    protocol: str | None = None
+    protocol_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_protocol(
+        cls, protocol: str | None, annotation_file: str | None, image_dir: str | None, output_dir: str, **settings
+    ) -> EvaluationConfig:
+        """A config with the settings of ``protocol`` (:mod:`.protocols`); ``settings`` override them (recorded)."""
+        values, overrides = resolve_protocol(protocol, settings)
+        return cls(annotation_file, image_dir, output_dir, **values, protocol=protocol, protocol_overrides=overrides)
+
+    def check(self) -> None:
+        """Refuse impossible settings with a message that says what to pass, before anything is loaded."""
+        problems = []
+        if (self.annotation_file is None) == (self.captions_file is None):
+            problems.append("pass exactly one caption source: --annotations (COCO) or --captions FILE")
+        if self.num_captions is not None and self.num_captions < 1:
+            problems.append(f"--num-captions must be at least 1, got {self.num_captions}")
+        if self.num_inference_steps < 1:
+            problems.append(f"--steps must be at least 1, got {self.num_inference_steps}")
+        for name, value in (("--height", self.height), ("--width", self.width)):
+            if value is not None and (value < 8 or value % 8):
+                problems.append(f"{name} must be a positive multiple of 8, got {value}")
+        for name, value in (("--batch-size", self.batch_size), ("--metric-batch-size", self.metric_batch_size)):
+            if value < 1:
+                problems.append(f"{name} must be at least 1, got {value}")
+        if self.num_workers < 0:
+            problems.append(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if self.fid_size < 16:
+            problems.append(f"--fid-size must be at least 16 pixels, got {self.fid_size}")
+        if self.clip_image_size is not None and self.clip_image_size < 16:
+            problems.append(f"--clip-image-size must be at least 16 pixels, got {self.clip_image_size}")
+        for name, value, choices in (
+            ("--fid-backend", self.fid_backend, FID_BACKENDS),
+            ("--fid-resize", self.fid_resize, FID_RESIZE_FILTERS),
+            ("--fid-reference", self.fid_reference, REFERENCE_SETS),
+        ):
+            if value not in choices:
+                problems.append(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            problems.append(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if Path(self.output_dir).expanduser().is_file():
+            problems.append(f"--output-dir {self.output_dir} is a file; pass a folder")
+        if problems:
+            raise ValueError("Invalid evaluation settings: " + "; ".join(problems) + ".")
 
 
-def _uint8(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+def _captions(config: EvaluationConfig) -> list[CaptionRecord]:
+    if config.captions_file is not None:
+        return read_captions_file(config.captions_file, config.num_captions)
+    return select_captions(config.annotation_file, config.num_captions or COCO_DEFAULT_CAPTIONS, config.seed)
 
 
-class _MetricImages(Dataset):
-    """Generated image, its reference COCO image (cropped and resized alike), CLIP pixels and caption."""
+@contextlib.contextmanager
+def _safety_checker(pipe: DiffusionPipeline, keep: bool) -> Iterator[bool]:
+    """Turn the pipeline's safety checker off (unless ``keep``) for the block; yields whether it runs.
 
-    def __init__(self, records, generated: Path, reference: Path, height: int, width: int, clip_preprocess) -> None:
-        self.records, self.generated, self.reference = records, generated, reference
-        self.height, self.width, self.clip_preprocess = height, width, clip_preprocess
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        record: CaptionRecord = self.records[i]
-        with Image.open(self.generated / record.png_name) as image:
-            fake = image.convert("RGB")
-        if fake.size != (self.width, self.height):
-            raise ValueError(
-                f"{self.generated / record.png_name} is {fake.size[0]}x{fake.size[1]}, expected "
-                f"{self.width}x{self.height}; delete it to regenerate."
-            )
-        real = load_reference_image(self.reference, record, self.height, self.width)
-        return _uint8(fake), _uint8(real), self.clip_preprocess(fake), record.caption
-
-
-def compute_metrics(
-    records: list[CaptionRecord],
-    generated: Path,
-    reference: Path,
-    height: int,
-    width: int,
-    fid_metric,
-    clip: ClipModel,
-    device: str | torch.device,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    show_progress: bool = True,
-) -> dict[str, float]:
-    """One pass over the images: FID (generated vs the selected COCO images) and CLIP-T (generated vs captions).
-
-    In a distributed run each process passes its share of ``records``; both metrics sum their
-    statistics over the processes when they compute, so every process gets the values of all images.
+    SD-1.5's checker blacks out flagged images, which moves FID and CLIP-T; evaluations are run without it.
     """
-    fid_metric = fid_metric.to(device)
-    clip_t = ClipTScore(clip, device)
-    loader = DataLoader(
-        _MetricImages(records, generated, reference, height, width, clip.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-    )
-    with torch.no_grad():
-        for fake, real, pixels, captions in tqdm(loader, desc="metrics", unit="batch", disable=not show_progress):
-            fid_metric.update(real.to(device), real=True)
-            fid_metric.update(fake.to(device), real=False)
-            clip_t.update(pixels, captions)
-    return {"fid": float(fid_metric.compute()), "clip_t": clip_t.compute()}
+    checker = getattr(pipe, "safety_checker", None)
+    if checker is None or keep:
+        yield checker is not None
+        return
+    pipe.safety_checker = None
+    try:
+        yield False
+    finally:
+        pipe.safety_checker = checker
 
 
 def _generation_settings(
-    pipe: DiffusionPipeline, config: EvaluationConfig, model_name: str | None, gspn_weights: str | None
+    pipe: DiffusionPipeline, config: EvaluationConfig, model_name: str | None, safety_checker: bool
 ) -> dict[str, Any]:
-    """Everything that determines the generated pixels: a resumed run must match it exactly."""
+    """Everything that determines the generated pixels: a resumed run must match it exactly.
+
+    The GSPN weights enter by the sha256 of their content, not their path: weights re-distilled
+    into the same folder are refused, the same weights under another path are accepted.
+    """
     unet = get_unet(pipe)
     native = native_size(pipe)
     height, width = config.height or native, config.width or native
     if height % 8 or width % 8:
         raise ValueError(f"Height and width must be multiples of 8, got {height}x{width}.")
     gspn = is_converted(unet)
-    safety_checker = getattr(pipe, "safety_checker", None) is not None
     if safety_checker:
-        logger.warning(
-            "The pipeline's safety checker is on: it blacks out flagged images, which shifts FID and CLIP-T. Set "
-            "pipe.safety_checker = None (--disable-safety-checker) to turn it off."
-        )
+        logger.warning("The pipeline's safety checker is on (--safety-checker): flagged images are blacked out.")
+    source = config.captions_file if config.captions_file is not None else config.annotation_file
     return {
         "model": model_name or pipe.name_or_path or type(pipe).__name__,
         "pipeline": type(pipe).__name__,
         "dtype": str(unet.dtype).removeprefix("torch."),
-        "gspn_weights": gspn_weights,
         "original": not gspn,
+        "gspn_weights_sha256": gspn_weights_sha256(unet),
         "gspn_config": gspn_config_of(unet).to_dict() if gspn else None,
-        "captions_file": Path(config.annotation_file).name,
+        "captions_file": Path(source).name,
         "seed": config.seed,
         "height": height,
         "width": width,
@@ -160,6 +179,20 @@ def _generation_settings(
         "negative_prompt": config.negative_prompt,
         "safety_checker": safety_checker,
     }
+
+
+def _load_metric_models(
+    config: EvaluationConfig, fid_feature_extractor: nn.Module | None, clip: ClipModel | None, state: PartialState
+) -> tuple[FidBackend, ClipModel]:
+    """The FID backend and the CLIP model, loaded (and checked) on the CPU before any generation."""
+    with state.main_process_first():  # one process downloads (when online), the others find the cache
+        backend = (
+            custom_fid_backend(fid_feature_extractor)
+            if fid_feature_extractor is not None
+            else load_fid_backend(config.fid_backend, config.fid_weights)
+        )
+        clip = clip or load_clip(config.clip_model, config.clip_pretrained, "cpu")
+    return backend, clip
 
 
 def evaluate(
@@ -172,45 +205,47 @@ def evaluate(
     clip: ClipModel | None = None,
     state: PartialState | None = None,
 ) -> dict[str, Any] | None:
-    """Run the COCO FID / CLIP-T protocol and write ``<output_dir>/results.json``; returns the results.
+    """Run the FID / CLIP-T protocol and write ``<output_dir>/results.json``; returns the results.
 
-    ``pipe`` is a pipeline or a function that loads one: with a function the inputs and the metric
-    weights are checked before the (expensive) load. ``fid_feature_extractor`` and ``clip`` replace
-    Inception and the open_clip model (tests, smoke runs). Call it on every process of an ``accelerate
-    launch``: generation and metrics are split across them; the main process writes and returns the
-    results (the others get ``None``).
+    ``pipe`` is a pipeline or a function that loads one: with a function the settings, inputs and
+    metric weights are checked before the (expensive) load. ``gspn_weights`` (where the weights came
+    from) is recorded only; resuming compares the weights' content. ``fid_feature_extractor`` and
+    ``clip`` replace Inception and the open_clip model (tests, smoke runs). Call it on every process
+    of an ``accelerate launch``: generation and metrics are split across them; the main process
+    writes and returns the results (the others get ``None``).
     """
+    config.check()
     state = state or PartialState()
     started = datetime.now(timezone.utc)
-    records = select_captions(config.annotation_file, config.num_captions, config.seed)
-    reference = check_reference_images(records, config.image_dir)
-    with state.main_process_first():  # one process downloads (when online), the others find the cache
-        fid_weights = inception_weights(config.fid_weights) if fid_feature_extractor is None else None
-        clip_file = clip_checkpoint(config.clip_model, config.clip_pretrained) if clip is None else None
+    records = _captions(config)
+    references = reference_files(config.fid_reference, config.image_dir, records)
+    backend, clip_model = _load_metric_models(config, fid_feature_extractor, clip, state)
     if not isinstance(pipe, DiffusionPipeline):
         pipe = pipe()
-    settings = _generation_settings(pipe, config, model_name, gspn_weights)
-    height, width = settings["height"], settings["width"]
     image_dir = Path(config.output_dir) / IMAGES_DIR
-    image_dir.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
-    check_settings(image_dir, settings, write=state.is_main_process)
-    if state.is_main_process:
-        write_manifest(image_dir, records)
-
     start = time.perf_counter()
-    generated = generate_images(
-        pipe,
-        records,
-        image_dir,
-        height=height,
-        width=width,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        batch_size=config.batch_size,
-        negative_prompt=config.negative_prompt,
-        state=state,
-    )
+    with _safety_checker(pipe, config.safety_checker) as checker_on:
+        settings = _generation_settings(pipe, config, model_name, checker_on)
+        height, width = settings["height"], settings["width"]
+        image_dir.mkdir(parents=True, exist_ok=True)
+        state.wait_for_everyone()
+        check_settings(image_dir, settings, write=state.is_main_process)
+        check_manifest(image_dir, records)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            write_manifest(image_dir, records)
+        generated = generate_images(
+            pipe,
+            records,
+            image_dir,
+            height=height,
+            width=width,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            batch_size=config.batch_size,
+            negative_prompt=config.negative_prompt,
+            state=state,
+        )
     generation_s = time.perf_counter() - start
     del pipe
     gc.collect()
@@ -218,45 +253,54 @@ def evaluate(
         torch.cuda.empty_cache()
 
     start = time.perf_counter()
-    clip_model = clip or load_clip(config.clip_model, config.clip_pretrained, state.device, clip_file)
-    fid_metric = build_fid(fid_feature_extractor, fid_weights)
-    with state.split_between_processes(records) as share:
-        share = list(share)
-    values = compute_metrics(
-        share,
-        image_dir,
-        reference,
-        height,
-        width,
-        fid_metric,
-        clip_model,
-        state.device,
+    cache_dir = config.fid_cache if config.fid_cache is not None else default_cache_dir()
+    mu_real, sigma_real, num_real, reference = reference_statistics(
+        references,
+        backend,
+        config.fid_size,
+        config.fid_resize,
+        cache_dir,
+        state,
         config.metric_batch_size,
         config.num_workers,
-        show_progress=state.is_local_main_process,
     )
+    with state.split_between_processes(records) as share:
+        share = list(share)
+    fake, clip_t = score_generated(
+        share, image_dir, height, width, backend, clip_model, config, state.device, state.is_local_main_process
+    )
+    mu_fake, sigma_fake, num_fake = fake.mean_cov()
+    fid = frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake)
     if not state.is_main_process:
         return None
     results = {
         "format": RESULTS_FORMAT,
+        "format_version": RESULTS_VERSION,
+        "protocol": {"name": config.protocol, "overrides": config.protocol_overrides},
         "metrics": {
             "fid": {
-                "value": values["fid"],
-                "model": INCEPTION_NAME if fid_feature_extractor is None else type(fid_feature_extractor).__name__,
-                "weights": str(fid_weights) if fid_weights else None,
-                "library": "torchmetrics FrechetInceptionDistance",
-                "reference": f"the {len(records)} COCO images of the selected captions, center-cropped and "
-                f"resized (bicubic) to {width}x{height}",
-                "num_real": len(records),
-                "num_generated": len(records),
+                "value": fid,
+                "backend": backend.name,
+                "model": backend.description,
+                "weights": str(backend.weights) if backend.weights else None,
+                "preprocessing": f"center square crop, {config.fid_resize} resize to {config.fid_size}x"
+                f"{config.fid_size}, then the backend's own",
+                "reference": {"set": config.fid_reference, "folder": config.image_dir, **reference},
+                "num_real": num_real,
+                "num_generated": num_fake,
             },
             "clip_t": {
-                "value": values["clip_t"],
+                "value": clip_t,
+                "scale": "cosine",
                 "model": f"{clip_model.name}/{clip_model.pretrained}",
-                "definition": "100 x mean cosine similarity of open_clip image and caption embeddings",
+                "caption_prefix": config.clip_prefix,
+                "image_preprocessing": "as generated"
+                if config.clip_image_size is None
+                else f"center square crop, {config.fid_resize} resize to {config.clip_image_size}",
+                "definition": CLIP_T_DEFINITION,
             },
         },
-        "settings": {**asdict(config), **settings, "num_captions": len(records)},
+        "settings": {**asdict(config), **settings, "gspn_weights": gspn_weights, "num_captions": len(records)},
         "run": {
             "num_processes": state.num_processes,
             "device": str(state.device),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .metrics import ClipModel
+from .clip_t import ClipModel
 
 
 class TinyFeatureExtractor(nn.Module):
