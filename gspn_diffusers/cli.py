@@ -19,6 +19,7 @@ from .cli_args import (
     add_model_args,
     check_checkpoint_output,
     check_device,
+    check_hires_args,
     check_image_output,
     config_flags_given,
     config_from_args,
@@ -95,6 +96,7 @@ def _check_weight_flags(args: argparse.Namespace) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     output = check_image_output(args.output)
     _check_weight_flags(args)
+    check_hires_args(args)
     import torch
 
     from .convert import convert, get_unet

@@ -59,17 +59,6 @@ def pixel_size(value: str) -> int:
     return number
 
 
-def fraction(value: str) -> float:
-    """An argparse type: a float in [0, 1)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= number < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {number}")
-    return number
-
-
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags that say which pipeline to load, shared by every subcommand (optional where it has other modes)."""
     source = parser.add_mutually_exclusive_group(required=required)
@@ -103,7 +92,7 @@ def add_hires_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the high-resolution path; they only matter when the target is larger than the native size."""
     group = parser.add_argument_group("high resolution (used when --height/--width exceed the native size)")
     group.add_argument(
-        "--skip-ratio", type=fraction, default=0.6, help="Fraction of each upscaling stage's steps skipped, in [0, 1)."
+        "--skip-ratio", type=float, default=0.6, help="Fraction of each upscaling stage's steps skipped, in [0, 1)."
     )
     group.add_argument(
         "--local-denoising",
@@ -114,6 +103,15 @@ def add_hires_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--save-stages", action="store_true", help="Also save every stage's image next to --output (name_stageK.png)."
     )
+
+
+def check_hires_args(args: argparse.Namespace) -> None:
+    """The high-resolution flags, checked before the model loads (the pipeline checks them again, later)."""
+    if not 0.0 <= args.skip_ratio < 1.0:
+        raise GSPNUserError(
+            f"--skip-ratio {args.skip_ratio}: each stage's strength must be in (0, 1] (strength = 1 - skip ratio), "
+            "so the skip ratio must be in [0, 1); 0.6 is DemoFusion's choice."
+        )
 
 
 def config_flags_given(args: argparse.Namespace) -> list[str]:
