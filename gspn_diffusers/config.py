@@ -22,12 +22,12 @@ def _type_message(field_name: str, value: Any, expected: str) -> str:
     return f"GSPN config field {field_name!r} must be {expected}; got {value!r} ({type(value).__name__})."
 
 
-def _check_int(field_name: str, value: Any, optional: bool) -> None:
+def _check_int(field_name: str, value: Any, optional: bool, what: str = "integer") -> None:
     """A positive int (``bool`` is not accepted though Python counts it as one); ``None`` where optional."""
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "null or a positive integer" if optional else "a positive integer"
+        expected = f"null or a positive {what}" if optional else f"a positive {what}"
         raise GSPNUserError(_type_message(field_name, value, expected))
 
 
@@ -65,7 +65,7 @@ class GSPNConfig:
         "four"``, ``"normalize": "false"``) fails with the field's name instead of misbehaving later."""
         _check_int("gate_rank", self.gate_rank, optional=False)
         _check_int("gate_channels", self.gate_channels, optional=True)
-        _check_int("chunk_size", self.chunk_size, optional=True)
+        _check_int("chunk_size", self.chunk_size, optional=True, what="chunk size (null: global scan)")
         if not isinstance(self.layer_chunk_sizes, dict):
             raise GSPNUserError(
                 _type_message("layer_chunk_sizes", self.layer_chunk_sizes, "an object (pattern -> size)")
@@ -73,7 +73,7 @@ class GSPNConfig:
         for pattern, size in self.layer_chunk_sizes.items():
             if not isinstance(pattern, str):
                 raise GSPNUserError(_type_message("layer_chunk_sizes key", pattern, "a string (fnmatch pattern)"))
-            _check_int(f"layer_chunk_sizes[{pattern!r}]", size, optional=True)
+            _check_int(f"layer_chunk_sizes[{pattern!r}]", size, optional=True, what="chunk size (null: global scan)")
         for name in ("use_skip", "normalize", "train_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise GSPNUserError(_type_message(name, getattr(self, name), "true or false (a JSON boolean)"))

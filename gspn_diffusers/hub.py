@@ -114,7 +114,7 @@ def model_card(
     """
     tags = ["gspn", "diffusers", "text-to-image", "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"]
     meta = ["---", "library_name: gspn-diffusers"]
-    if base_model and looks_like_repo_id(base_model):
+    if base_model and looks_like_repo_id(base_model) and not Path(base_model).expanduser().exists():
         meta.append(f"base_model: {base_model}")
     meta += ["tags:", *(f"- {tag}" for tag in tags), "---"]
     lines = [

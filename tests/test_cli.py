@@ -223,3 +223,17 @@ def _find_circle(graph: dict[str, set[str]]) -> list[str] | None:
         return None
 
     return next((circle for module in sorted(graph) if (circle := visit(module, []))), None)
+
+
+def test_a_failed_image_save_leaves_the_previous_file_and_no_partial_one(tmp_path):
+    from gspn_diffusers.pipelines.cli_support import save_image
+
+    class FailingImage:
+        def save(self, path):
+            Path(path).write_bytes(b"partial")
+            raise OSError("disk full")
+
+    (tmp_path / "a.png").write_bytes(b"previous")
+    with pytest.raises(OSError, match="disk full"):
+        save_image(FailingImage(), tmp_path / "a.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"] and (tmp_path / "a.png").read_bytes() == b"previous"

@@ -117,7 +117,7 @@ def _edit_config(directory, edit) -> None:
         (lambda d: d.pop("config"), "has no 'config' object"),
         (lambda d: d["config"].update(gate_rank="four"), "field 'gate_rank' must be a positive integer; got 'four'"),
         (lambda d: d["config"].update(normalize="false"), "field 'normalize' must be true or false"),
-        (lambda d: d["config"].update(chunk_size=0), "field 'chunk_size' must be null or a positive integer"),
+        (lambda d: d["config"].update(chunk_size=0), "field 'chunk_size' must be null or a positive chunk size"),
         (lambda d: d["config"]["layer_chunk_sizes"].update({"up_blocks.*": 2.5}), "layer_chunk_sizes\\['up_blocks"),
         (lambda d: d.update(layers=[1, 2]), "has no 'layers' object"),
     ],
