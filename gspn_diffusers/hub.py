@@ -117,12 +117,13 @@ def model_card(
     if base_model and looks_like_repo_id(base_model) and not Path(base_model).expanduser().exists():
         meta.append(f"base_model: {base_model}")
     meta += ["tags:", *(f"- {tag}" for tag in tags), "---"]
+    base_name = f"`{base_model}`" if base_model else "the base model"
     lines = [
         *meta,
         "",
         "# GSPN weights for Diffusers",
         "",
-        f"Every UNet self-attention (`attn1`, {num_layers} layers) of `{base_model or 'the base model'}` is "
+        f"Every UNet self-attention (`attn1`, {num_layers} layers) of {base_name} is "
         "replaced by a GSPN module (Generalized Spatial Propagation Network). Only the GSPN weights are here; "
         "load them into the base pipeline:",
         "",
