@@ -4,6 +4,7 @@ import gspn_diffusers
 gspn_diffusers.convert(pipe)              # every UNet attn1 -> GSPN, initialised from Q/K/V
 gspn_diffusers.save_gspn(pipe, "out/")    # only the GSPN weights + config
 gspn_diffusers.load_gspn(other, "out/")   # converts and loads
+gspn_diffusers.load_gspn(other, "org/name")  # or from a hub repo (or its offline cache)
 gspn_diffusers.restore(pipe)              # back to the original attention
 """
 
