@@ -4,6 +4,7 @@ import gspn_diffusers
 gspn_diffusers.convert(pipe)              # every UNet attn1 -> GSPN, initialised from Q/K/V
 gspn_diffusers.save_gspn(pipe, "out/")    # only the GSPN weights + config
 gspn_diffusers.load_gspn(other, "out/")   # converts and loads
+gspn_diffusers.load_gspn(other, "org/name")  # or from a hub repo (or its offline cache)
 gspn_diffusers.restore(pipe)              # back to the original attention
 """
 
@@ -11,10 +12,59 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import GSPNConfig  # noqa: E402
-from .convert import convert, gspn_parameters, gspn_processors, is_converted, restore  # noqa: E402
-from .processor import GSPNAttnProcessor  # noqa: E402
-from .serialization import load_gspn, save_gspn  # noqa: E402
+import importlib  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+# Public name -> submodule. Resolved on first use (PEP 562), so that `import gspn_diffusers.cli_args` (every
+# command line's first import) does not pull in torch and diffusers: `gspn-diffusers --help` answers at once.
+_EXPORTS = {
+    "GSPNAttnProcessor": "processor",
+    "GSPNConfig": "config",
+    "convert": "convert",
+    "gspn_parameters": "convert",
+    "gspn_processors": "convert",
+    "is_converted": "convert",
+    "restore": "convert",
+    "load_gspn": "serialization",
+    "save_gspn": "serialization",
+}
+
+if TYPE_CHECKING:
+    from .config import GSPNConfig
+    from .convert import convert, gspn_parameters, gspn_processors, is_converted, restore
+    from .processor import GSPNAttnProcessor
+    from .serialization import load_gspn, save_gspn
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+class _Package(types.ModuleType):
+    """``gspn_diffusers.convert`` is the function, as it was with eager imports, although importing the submodule
+    of the same name sets that attribute to the module: the import system's assignment is ignored here."""
+
+    @property
+    def convert(self) -> Any:
+        return importlib.import_module(".convert", __name__).convert
+
+    @convert.setter
+    def convert(self, module: Any) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "GSPNAttnProcessor",

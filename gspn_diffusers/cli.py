@@ -1,71 +1,62 @@
 """``gspn-diffusers``: convert a checkpoint to GSPN and generate images, from the command line.
 
 Each subcommand lives in a function ``add_<name>_parser`` that registers its flags and the
-function that runs it, so new jobs (distill, evaluate) plug in without touching the others.
+function that runs it. Only the chosen subcommand's module is imported, and torch and diffusers
+only once its arguments are checked, so ``--help`` and argument mistakes answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-import torch
-
-from .config import PRESETS, GSPNConfig
-from .convert import convert, detect_preset, get_unet, gspn_parameters
-from .distill.cli import add_distill_parser
-from .evaluation.cli import add_evaluate_parser
-from .loading import DTYPES, default_device, load_pipeline
-from .pipelines.cli_support import add_hires_args, hires_pipeline_for, save_stage_images
-from .serialization import load_gspn, save_gspn
-from .tiny import TINY_KINDS
+from .cli_args import (
+    add_config_args,
+    add_hires_args,
+    add_model_args,
+    check_checkpoint_output,
+    check_device,
+    check_hires_args,
+    check_image_output,
+    config_flags_given,
+    config_from_args,
+    pixel_size,
+    positive_int,
+)
+from .errors import GSPNUserError
 
 logger = logging.getLogger("gspn_diffusers")
 
-
-def _optional_int(value: str) -> int | None:
-    return None if value.lower() in ("none", "global") else int(value)
-
-
-def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The flags that say which pipeline to load, shared by every subcommand (optional where it has other modes)."""
-    source = parser.add_mutually_exclusive_group(required=required)
-    source.add_argument("--model", help="Hub name or local Diffusers folder (SD-1.5, SD-2 or SD-XL family).")
-    source.add_argument("--tiny", choices=TINY_KINDS, help="A built-in tiny random model: runs offline in seconds.")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on GPU, fp32 on CPU.")
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=PRESETS, default=None, help="GSPN preset (default: from the UNet).")
-    parser.add_argument("--gate-rank", type=int, default=None, help="Gate projection rank divisor (C -> C/r).")
-    parser.add_argument("--gate-channels", type=int, default=None, help="Gate channels per direction (default C).")
-    parser.add_argument(
-        "--chunk-size", type=_optional_int, default=None, help="Local GSPN chunk for every layer (overrides preset)."
-    )
-
-
-def config_from_args(args: argparse.Namespace, unet) -> GSPNConfig:
-    overrides = {}
-    if args.gate_rank is not None:
-        overrides["gate_rank"] = args.gate_rank
-    if args.gate_channels is not None:
-        overrides["gate_channels"] = args.gate_channels
-    if args.chunk_size is not None:
-        overrides.update(chunk_size=args.chunk_size, layer_chunk_sizes={})
-    return GSPNConfig.from_preset(args.preset or detect_preset(unet), **overrides)
+# Subcommands whose parser lives in another package: imported only when chosen (their modules import torch).
+_EXTERNAL_COMMANDS = {
+    "distill": (
+        "gspn_diffusers.distill.cli",
+        "add_distill_parser",
+        "Distill the GSPN modules from the original UNet on an image/caption set (Accelerate).",
+    ),
+    "evaluate": (
+        "gspn_diffusers.evaluation.cli",
+        "add_evaluate_parser",
+        "COCO FID and CLIP-T of a GSPN (or the original) pipeline; run under `accelerate launch` for many GPUs.",
+    ),
+}
 
 
 def run_convert(args: argparse.Namespace) -> None:
+    output = check_checkpoint_output(args.output, args.overwrite)
+    from .convert import convert, get_unet, gspn_parameters
+    from .loading import load_pipeline
+    from .serialization import save_gspn
+
     pipe = load_pipeline(args.model, args.tiny, args.device, args.dtype)
     config = config_from_args(args, get_unet(pipe))
     convert(pipe, config)
     params = gspn_parameters(pipe)
     count = sum(p.numel() for p in params.values())
-    out = save_gspn(pipe, args.output)
+    out = save_gspn(pipe, output, overwrite=args.overwrite, base_model=args.model)
     logger.info(
         "Converted %d self-attention layers (%s preset), %.2fM GSPN parameters -> %s",
         len({k.split(".processor.")[0] for k in params}),
@@ -82,13 +73,41 @@ def add_convert_parser(subparsers) -> None:
     add_model_args(parser)
     add_config_args(parser)
     parser.add_argument("--output", required=True, help="Folder for gspn_config.json + gspn_weights.safetensors.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace GSPN weights already in --output.")
     parser.set_defaults(func=run_convert)
 
 
+def _check_weight_flags(args: argparse.Namespace) -> None:
+    """Conversion flags build a config; saved weights (or --original) bring their own, so both at once is refused."""
+    flags = config_flags_given(args)
+    if flags and (args.gspn_weights is not None or args.original):
+        source = f"--gspn-weights {args.gspn_weights}" if args.gspn_weights is not None else "--original"
+        reason = (
+            "the weights' gspn_config.json fixes the GSPN config"
+            if args.gspn_weights is not None
+            else "no GSPN module is installed"
+        )
+        raise GSPNUserError(
+            f"{source} with {' '.join(flags)}: {reason}, so {', '.join(flags)} would be ignored; drop "
+            f"{'it' if len(flags) == 1 else 'them'} (or `convert` again with {'it' if len(flags) == 1 else 'them'})."
+        )
+
+
 def run_generate(args: argparse.Namespace) -> None:
+    output = check_image_output(args.output)
+    _check_weight_flags(args)
+    check_hires_args(args)
+    import torch
+
+    from .convert import convert, get_unet
+    from .loading import load_pipeline
+    from .pipelines.cli_support import hires_pipeline_for, save_image, save_stage_images
+    from .serialization import check_gspn, load_gspn
+
+    weights = check_gspn(args.gspn_weights) if args.gspn_weights is not None else None
     pipe = load_pipeline(args.model, args.tiny, args.device, args.dtype)
-    if args.gspn_weights is not None:
-        load_gspn(pipe, args.gspn_weights)
+    if weights is not None:
+        load_gspn(pipe, weights)
     elif not args.original:
         logger.warning("No --gspn-weights given: GSPN modules are freshly converted from Q/K/V, not distilled.")
         convert(pipe, config_from_args(args, get_unet(pipe)))
@@ -105,9 +124,7 @@ def run_generate(args: argparse.Namespace) -> None:
         **hires_kwargs,
     )
     image = result.images[0]
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    image.save(output)
+    save_image(image, output)
     save_stage_images(result, output)
     logger.info("Saved %dx%d image to %s", image.width, image.height, output)
 
@@ -117,42 +134,66 @@ def add_generate_parser(subparsers) -> None:
     add_model_args(parser)
     add_config_args(parser)
     weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--gspn-weights", default=None, help="Folder written by `convert` or the distill trainer.")
+    weights.add_argument(
+        "--gspn-weights", default=None, help="Folder written by `convert` or the distill trainer, or a hub repo id."
+    )
     weights.add_argument("--original", action="store_true", help="Keep the original attention (for comparison).")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--height", type=int, default=None, help="Pixels, multiple of 8 (default: model's native).")
-    parser.add_argument("--width", type=int, default=None, help="Pixels, multiple of 8 (default: model's native).")
-    parser.add_argument("--steps", type=int, default=30, help="Denoising steps.")
+    parser.add_argument(
+        "--height", type=pixel_size, default=None, help="Pixels, multiple of 8 (default: model's native)."
+    )
+    parser.add_argument(
+        "--width", type=pixel_size, default=None, help="Pixels, multiple of 8 (default: model's native)."
+    )
+    parser.add_argument("--steps", type=positive_int, default=30, help="Denoising steps (>= 1).")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="gspn_outputs/image.png", help="PNG path to write.")
+    parser.add_argument(
+        "--output", default="gspn_outputs/image.png", help="Image path to write (.png, .jpg, .webp, ...)."
+    )
     add_hires_args(parser)
     parser.set_defaults(func=run_generate)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the top level has only flags without values, so it is the first word)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser of ``command``; the other external subcommands are listed (for --help) but not imported."""
     parser = argparse.ArgumentParser(prog="gspn-diffusers", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging and full tracebacks.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_convert_parser(subparsers)
     add_generate_parser(subparsers)
-    add_distill_parser(subparsers)
-    add_evaluate_parser(subparsers)
+    for name, (module, function, help_text) in _EXTERNAL_COMMANDS.items():
+        if name == command:
+            getattr(importlib.import_module(module), function)(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand; a user mistake prints one line (no traceback unless --verbose) and returns 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    if args.device is None:
-        args.device = default_device()
     try:
+        if hasattr(args, "device"):
+            args.device = check_device(args.device)
         args.func(args)
-    except (ValueError, TypeError, OSError) as error:
+    except GSPNUserError as error:
         if args.verbose:
             raise
         logger.error("%s", error)
+        return 2
+    except (ValueError, TypeError, OSError) as error:  # what the libraries underneath raise for bad input
+        if args.verbose:
+            raise
+        logger.error("%s: %s (run with -v for the traceback)", type(error).__name__, error)
         return 2
     return 0
 

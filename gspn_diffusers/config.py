@@ -13,7 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import GSPNUserError
+
 PRESETS = ("sd15", "sdxl")
+
+
+def _type_message(field_name: str, value: Any, expected: str) -> str:
+    return f"GSPN config field {field_name!r} must be {expected}; got {value!r} ({type(value).__name__})."
+
+
+def _check_int(field_name: str, value: Any, optional: bool, what: str = "integer") -> None:
+    """A positive int (``bool`` is not accepted though Python counts it as one); ``None`` where optional."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        expected = f"null or a positive {what}" if optional else f"a positive {what}"
+        raise GSPNUserError(_type_message(field_name, value, expected))
 
 
 @dataclass
@@ -46,13 +61,24 @@ class GSPNConfig:
     preset: str | None = None
 
     def __post_init__(self) -> None:
-        if self.gate_rank < 1:
-            raise ValueError(f"gate_rank must be >= 1; got {self.gate_rank}.")
-        if self.gate_channels is not None and self.gate_channels < 1:
-            raise ValueError(f"gate_channels must be None or >= 1; got {self.gate_channels}.")
-        for name, size in [("chunk_size", self.chunk_size), *self.layer_chunk_sizes.items()]:
-            if size is not None and (not isinstance(size, int) or size < 1):
-                raise ValueError(f"chunk size for {name!r} must be None (global) or a positive int; got {size!r}.")
+        """Check every field's type and range, so a hand-edited or foreign ``gspn_config.json`` (``"gate_rank":
+        "four"``, ``"normalize": "false"``) fails with the field's name instead of misbehaving later."""
+        _check_int("gate_rank", self.gate_rank, optional=False)
+        _check_int("gate_channels", self.gate_channels, optional=True)
+        _check_int("chunk_size", self.chunk_size, optional=True, what="chunk size (null: global scan)")
+        if not isinstance(self.layer_chunk_sizes, dict):
+            raise GSPNUserError(
+                _type_message("layer_chunk_sizes", self.layer_chunk_sizes, "an object (pattern -> size)")
+            )
+        for pattern, size in self.layer_chunk_sizes.items():
+            if not isinstance(pattern, str):
+                raise GSPNUserError(_type_message("layer_chunk_sizes key", pattern, "a string (fnmatch pattern)"))
+            _check_int(f"layer_chunk_sizes[{pattern!r}]", size, optional=True, what="chunk size (null: global scan)")
+        for name in ("use_skip", "normalize", "train_projections"):
+            if not isinstance(getattr(self, name), bool):
+                raise GSPNUserError(_type_message(name, getattr(self, name), "true or false (a JSON boolean)"))
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise GSPNUserError(_type_message("preset", self.preset, "null or a preset name"))
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> GSPNConfig:
@@ -67,7 +93,7 @@ class GSPNConfig:
         elif preset == "sdxl":
             local = {"down_blocks.1.*": 16, "up_blocks.1.*": 16}
         else:
-            raise ValueError(f"Unknown GSPN preset {preset!r}; expected one of {', '.join(PRESETS)}.")
+            raise GSPNUserError(f"Unknown GSPN preset {preset!r}; expected one of {', '.join(PRESETS)}.")
         values: dict[str, Any] = {"layer_chunk_sizes": local, "preset": preset}
         values.update(overrides)
         return cls(**values)
@@ -83,10 +109,12 @@ class GSPNConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GSPNConfig:
+        if not isinstance(values, dict):
+            raise GSPNUserError(_type_message("config", values, "an object of GSPN config fields"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(
+            raise GSPNUserError(
                 f"Unknown GSPN config keys {sorted(unknown)}; this file was written by a newer or different "
                 "version of gspn-diffusers."
             )

@@ -8,6 +8,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .convert import get_unet
+from .errors import GSPNFileNotFoundError, GSPNUserError
+from .hub import looks_like_repo_id
 from .tiny import TINY_KINDS, tiny_pipeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -22,7 +24,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"Unknown dtype {name!r}; use auto or one of {', '.join(DTYPES)}.")
+        raise GSPNUserError(f"Unknown dtype {name!r}; use auto or one of {', '.join(DTYPES)}.")
     return DTYPES[name]
 
 
@@ -33,9 +35,32 @@ def native_size(pipe: DiffusionPipeline) -> int:
     return (size if isinstance(size, int) else max(size)) * pipe.vae_scale_factor
 
 
-def _looks_like_path(model: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else is meant as a folder."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1
+def _check_source(model: str) -> Path | None:
+    """The local folder ``model`` names, or None for a hub name that may be cached or downloaded.
+
+    A name that cannot be a hub id (``./x``, ``a/b/c``, ``~/x``) and does not exist is "no such folder" at once; a
+    hub id that is not cached on an offline machine is refused before Diffusers' own, less helpful, error.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise GSPNFileNotFoundError(
+                f"{model!r} is a local path but not a Diffusers pipeline folder (no model_index.json); pass the "
+                "folder saved by `pipe.save_pretrained(...)` or a hub name such as "
+                "stabilityai/stable-diffusion-xl-base-1.0."
+            )
+        return path
+    where = f"no such folder (relative to {Path.cwd()})"
+    if model.startswith((".", "/", "~")) or ("/" in model and not looks_like_repo_id(model)):
+        raise GSPNFileNotFoundError(f"--model {model!r}: {where}; pass a Diffusers pipeline folder or a hub name.")
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    if is_offline_mode() and not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        raise GSPNFileNotFoundError(
+            f"--model {model!r}: {where}, and no pipeline of that name in the Hugging Face cache (HF_HUB_OFFLINE=1, "
+            "so nothing is downloaded); pass a local pipeline folder, or download the model first."
+        )
+    return None
 
 
 def load_pipeline(
@@ -50,30 +75,22 @@ def load_pipeline(
     be neither found locally nor downloaded.
     """
     if (model is None) == (tiny is None):
-        raise ValueError("Pass exactly one of a model (hub name or local folder) or a tiny model kind.")
+        raise GSPNUserError("Pass exactly one of a model (hub name or local folder) or a tiny model kind.")
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     if tiny is not None:
         if tiny not in TINY_KINDS:
-            raise ValueError(f"Unknown tiny model {tiny!r}; expected one of {', '.join(TINY_KINDS)}.")
+            raise GSPNUserError(f"Unknown tiny model {tiny!r}; expected one of {', '.join(TINY_KINDS)}.")
         pipe = tiny_pipeline(tiny).to(device)
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"{model!r} is a local path but not a Diffusers pipeline folder (no model_index.json); pass the "
-                "folder saved by `pipe.save_pretrained(...)` or a hub name such as "
-                "stabilityai/stable-diffusion-xl-base-1.0."
-            )
-    elif _looks_like_path(model):
-        raise FileNotFoundError(f"Model folder {model!r} does not exist.")
+    path = _check_source(model)
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, torch_dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(path or model), torch_dtype=torch_dtype)
     except (OSError, ValueError) as error:
-        raise OSError(
-            f"Could not load the pipeline {model!r}: {error}\nIt is neither a local pipeline folder nor a model in "
-            "the Hugging Face cache that could be downloaded (offline machines need the weights in the cache or on "
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GSPNUserError(
+            f"Could not load the pipeline {model!r} ({reason}). It is neither a local pipeline folder (relative to "
+            f"{Path.cwd()}) nor a hub model that could be downloaded (offline machines need it in the cache or on "
             "disk)."
         ) from error
     return pipe.to(device)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import gspn_diffusers
 from gspn_diffusers import GSPNConfig
+from gspn_diffusers.errors import GSPNFileExistsError, GSPNUserError
 from gspn_diffusers.serialization import CONFIG_NAME, WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
 
@@ -22,6 +23,11 @@ def _perturb(pipe):
     with torch.no_grad():
         for p in gspn_diffusers.gspn_parameters(pipe).values():
             p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def _processors(pipe) -> dict[str, int]:
+    """attn processor object ids by layer: equal before and after means nothing was swapped in or left behind."""
+    return {name: id(proc) for name, proc in pipe.unet.attn_processors.items()}
 
 
 def test_round_trip_reproduces_outputs_exactly(tiny_kind, tmp_path):
@@ -80,8 +86,12 @@ def test_load_errors_are_clear(tmp_path):
     key = next(k for k in state if k.endswith("merge"))
     state[key] = torch.zeros(3, 3)
     save_file(state, shapes / WEIGHTS_NAME)
-    with pytest.raises(ValueError, match=f"Shape mismatch for {key}"):
-        gspn_diffusers.load_gspn(tiny_pipeline("sd15"), shapes)
+    target = tiny_pipeline("sd15")
+    before = _processors(target)
+    with pytest.raises(ValueError, match=f"gspn_weights.safetensors: shape mismatch for {key}"):
+        gspn_diffusers.load_gspn(target, shapes)
+    # The failed load converted first, then found the bad shape: the pipe is back exactly as it was.
+    assert not gspn_diffusers.is_converted(target) and _processors(target) == before
 
     keys = gspn_diffusers.save_gspn(pipe, tmp_path / "keys")
     state = load_file(keys / WEIGHTS_NAME)
@@ -93,3 +103,92 @@ def test_load_errors_are_clear(tmp_path):
     other_config = gspn_diffusers.convert(tiny_pipeline("sd15"), GSPNConfig(gate_rank=2))
     with pytest.raises(ValueError, match="different GSPN config"):
         gspn_diffusers.load_gspn(other_config, good)
+
+
+def _edit_config(directory, edit) -> None:
+    document = json.loads((directory / CONFIG_NAME).read_text())
+    edit(document)
+    (directory / CONFIG_NAME).write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.pop("config"), "has no 'config' object"),
+        (lambda d: d["config"].update(gate_rank="four"), "field 'gate_rank' must be a positive integer; got 'four'"),
+        (lambda d: d["config"].update(normalize="false"), "field 'normalize' must be true or false"),
+        (lambda d: d["config"].update(chunk_size=0), "field 'chunk_size' must be null or a positive chunk size"),
+        (lambda d: d["config"]["layer_chunk_sizes"].update({"up_blocks.*": 2.5}), "layer_chunk_sizes\\['up_blocks"),
+        (lambda d: d.update(layers=[1, 2]), "has no 'layers' object"),
+    ],
+)
+def test_bad_config_names_the_file_and_the_field(tmp_path, edit, message):
+    saved = gspn_diffusers.save_gspn(gspn_diffusers.convert(tiny_pipeline("sd15")), tmp_path)
+    _edit_config(saved, edit)
+    target = tiny_pipeline("sd15")
+    with pytest.raises(GSPNUserError, match=message) as info:
+        gspn_diffusers.load_gspn(target, saved)
+    assert CONFIG_NAME in str(info.value)
+    assert not gspn_diffusers.is_converted(target)
+
+
+def test_config_types_are_checked_in_code_too():
+    with pytest.raises(ValueError, match="'use_skip' must be true or false"):
+        GSPNConfig(use_skip="yes")
+    with pytest.raises(ValueError, match="'gate_rank' must be a positive integer; got True"):
+        GSPNConfig(gate_rank=True)
+    assert GSPNConfig(chunk_size=8, layer_chunk_sizes={"up_*": None}).chunk_size_for("up_blocks.0") is None
+
+
+def test_truncated_weights_are_named_and_leave_the_pipe_alone(tmp_path):
+    saved = gspn_diffusers.save_gspn(gspn_diffusers.convert(tiny_pipeline("sd15")), tmp_path)
+    data = (saved / WEIGHTS_NAME).read_bytes()
+    (saved / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    target = tiny_pipeline("sd15")
+    with pytest.raises(GSPNUserError, match=f"{WEIGHTS_NAME} is not a readable safetensors file.*truncated"):
+        gspn_diffusers.load_gspn(target, saved)
+    assert not gspn_diffusers.is_converted(target)
+
+
+def test_save_refuses_to_replace_weights_unless_asked(tmp_path):
+    pipe = gspn_diffusers.convert(tiny_pipeline("sd15"))
+    gspn_diffusers.save_gspn(pipe, tmp_path)
+    first = (tmp_path / WEIGHTS_NAME).read_bytes()
+    _perturb(pipe)
+    with pytest.raises(GSPNFileExistsError, match="already holds GSPN weights .*pass overwrite=True"):
+        gspn_diffusers.save_gspn(pipe, tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == first
+    gspn_diffusers.save_gspn(pipe, tmp_path, overwrite=True)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() != first
+    # Written under temporary names and renamed: nothing else is left in the folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+
+
+def test_model_card_beside_the_weights(tmp_path):
+    pipe = gspn_diffusers.convert(tiny_pipeline("sdxl"), GSPNConfig(gate_rank=2))
+    gspn_diffusers.save_gspn(
+        pipe,
+        tmp_path,
+        base_model="stabilityai/stable-diffusion-xl-base-1.0",
+        training={"dataset": "laion-169k", "steps": 20000},
+        metrics={"FID": 21.5},
+    )
+    card = (tmp_path / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert "library_name: gspn-diffusers" in meta and "base_model: stabilityai/stable-diffusion-xl-base-1.0" in meta
+    assert "- gspn" in meta and "- stable-diffusion-xl" in meta
+    assert '"gate_rank": 2' in card and "- steps: 20000" in card and "- FID: 21.5" in card
+    bare = gspn_diffusers.save_gspn(gspn_diffusers.convert(tiny_pipeline("sd15")), tmp_path / "bare")
+    card = (bare / "README.md").read_text()
+    assert "base_model:" not in card and "not distilled" in card and "Not measured." in card
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "message"),
+    [(None, "needs repo_id"), ("bad id!", "not a valid hub repo id"), ("org/name", "HF_HUB_OFFLINE is set")],
+)
+def test_push_to_hub_arguments_are_checked_before_writing(tmp_path, repo_id, message):
+    pipe = gspn_diffusers.convert(tiny_pipeline("sd15"))
+    with pytest.raises(GSPNUserError, match=message):
+        gspn_diffusers.save_gspn(pipe, tmp_path / "out", push_to_hub=True, repo_id=repo_id)
+    assert not (tmp_path / "out").exists()

@@ -69,7 +69,7 @@ def _flag(parser: argparse.ArgumentParser | Any, name: str, **kwargs: Any) -> No
 
 def add_distill_args(parser: argparse.ArgumentParser) -> None:
     """Every flag of the trainer; shared by ``parse_args`` and the ``gspn-diffusers distill`` subcommand."""
-    from ..cli import add_config_args
+    from ..cli_args import add_config_args
 
     model = parser.add_argument_group("model")
     source = model.add_mutually_exclusive_group(required=True)
@@ -186,7 +186,7 @@ def _weight_dtype(accelerator: Accelerator) -> torch.dtype:
 
 
 def _student_config(args: argparse.Namespace, pipe: DiffusionPipeline) -> GSPNConfig:
-    from ..cli import config_from_args
+    from ..cli_args import config_from_args
 
     config = config_from_args(args, get_unet(pipe))
     return dataclasses.replace(config, train_projections=args.train_projections)

@@ -111,7 +111,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def add_evaluate_parser(subparsers) -> None:
-    from ..cli import add_model_args  # the main CLI imports this module
+    from ..cli_args import add_model_args
 
     parser = subparsers.add_parser(
         "evaluate",

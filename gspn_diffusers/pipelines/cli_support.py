@@ -1,4 +1,5 @@
-"""What ``gspn-diffusers generate`` needs to switch to the high-resolution pipeline above the native size."""
+"""What ``gspn-diffusers generate`` needs to switch to the high-resolution pipeline above the native size, and to
+write its images (the flags are in :func:`gspn_diffusers.cli_args.add_hires_args`)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,10 @@ from typing import Any
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..loading import native_size
-from .demofusion import LOCAL_MODES, GSPNDemoFusionPipeline, GSPNDemoFusionSDXLPipeline
+from ..safe_write import atomic_path
+from .demofusion import GSPNDemoFusionPipeline, GSPNDemoFusionSDXLPipeline
 
 logger = logging.getLogger(__name__)
-
-
-def add_hires_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the high-resolution path; they only matter when the target is larger than the native size."""
-    group = parser.add_argument_group("high resolution (used when --height/--width exceed the native size)")
-    group.add_argument(
-        "--skip-ratio", type=float, default=0.6, help="Fraction of each upscaling stage's steps skipped, in [0, 1)."
-    )
-    group.add_argument(
-        "--local-denoising",
-        choices=LOCAL_MODES,
-        default="auto",
-        help="views: overlapping native windows (DemoFusion); full: whole latent (GSPN); auto: full with GSPN.",
-    )
-    group.add_argument(
-        "--save-stages", action="store_true", help="Also save every stage's image next to --output (name_stageK.png)."
-    )
 
 
 def hires_pipeline_for(pipe: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -60,15 +45,23 @@ def hires_pipeline_for(pipe: Any, args: argparse.Namespace) -> tuple[Any, dict[s
     return hires, kwargs
 
 
+def save_image(image: Any, path: str | Path) -> Path:
+    """Save a PIL image under a temporary name, then rename it: a failed save leaves no partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        image.save(temporary)
+    return path
+
+
 def save_stage_images(result: Any, output: str | Path) -> list[Path]:
-    """Write the stage images of a high-resolution result as ``<output stem>_stage<K>.png``; none otherwise."""
+    """Write the stage images of a high-resolution result as ``<output stem>_stage<K><suffix>``; none otherwise."""
     stages = getattr(result, "stage_images", None) or []
     output = Path(output)
-    paths = []
-    for k, images in enumerate(stages):
-        path = output.with_name(f"{output.stem}_stage{k}{output.suffix or '.png'}")
-        images[0].save(path)
-        paths.append(path)
+    paths = [
+        save_image(images[0], output.with_name(f"{output.stem}_stage{k}{output.suffix or '.png'}"))
+        for k, images in enumerate(stages)
+    ]
     if paths:
         logger.info("Saved %d stage images next to %s", len(paths), output)
     return paths

@@ -60,6 +60,15 @@ logger = logging.getLogger(__name__)
 LOCAL_MODES = ("auto", "views", "full")
 
 
+class _EmptyFp32ListFilter(logging.Filter):
+    """Drops Diffusers' "modules ... should be kept in float32: []" warning, which ``ModelMixin.to(dtype=...)``
+    prints even when the list is empty: ``from_pipe`` casts the UNet and the VAE, so every high-resolution run
+    printed it twice for nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
 @dataclass
 class DemoFusionPipelineOutput(BaseOutput):
     """``images``: the final images; ``stage_images``: one entry per stage (base first) when asked for, else None."""
@@ -117,7 +126,12 @@ class DemoFusionMixin:
         """
         if "torch_dtype" not in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = pipeline.dtype
-        return super().from_pipe(pipeline, **kwargs)
+        modeling_logger, quiet = logging.getLogger("diffusers.models.modeling_utils"), _EmptyFp32ListFilter()
+        modeling_logger.addFilter(quiet)
+        try:
+            return super().from_pipe(pipeline, **kwargs)
+        finally:
+            modeling_logger.removeFilter(quiet)
 
     # ------------------------------------------------------------------ sizes and checks
     @property
