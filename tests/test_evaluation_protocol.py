@@ -396,7 +396,7 @@ def test_cli_refuses_bad_arguments_before_loading(captions_and_folder, tmp_path,
 def _gspn_folder(tmp_path, name: str, shift: float = 0.0):
     """A converted tiny SD-1.5's GSPN weights; ``shift`` stands for another distillation."""
     folder = tmp_path / name
-    assert main(["convert", "--tiny", "sd15", "--output", str(folder)]) == 0
+    assert main(["convert", "--tiny", "sd15", "--output", str(folder), "--overwrite"]) == 0
     if shift:
         pipe = load_gspn(tiny_pipeline("sd15"), folder)
         with torch.no_grad():
