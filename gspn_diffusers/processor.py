@@ -112,11 +112,16 @@ class GSPNAttnProcessor(nn.Module):
         def spatial(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(batch, height, width, t.shape[-1])
 
+        # Under autocast the projections return the autocast dtype but softplus/sigmoid may return fp32; the op
+        # gets one dtype (the value's), or the kernel's same-dtype check would send the call to the reference.
         value = spatial(attn.to_v(hidden_states))
-        lam = F.softplus(spatial(attn.to_k(hidden_states)))
-        gate = torch.sigmoid(spatial(attn.to_q(hidden_states)))
-        gate_logits = self.gate_up(self.gate_down(hidden_states)).reshape(
-            batch, height, width, len(DIRECTIONS), NUM_GATES, self.gate_channels
+        dtype = value.dtype
+        lam = F.softplus(spatial(attn.to_k(hidden_states))).to(dtype)
+        gate = torch.sigmoid(spatial(attn.to_q(hidden_states))).to(dtype)
+        gate_logits = (
+            self.gate_up(self.gate_down(hidden_states))
+            .to(dtype)
+            .reshape(batch, height, width, len(DIRECTIONS), NUM_GATES, self.gate_channels)
         )
         out = gspn_scan_fused(
             value, lam, gate_logits, gate, self.merge, self.skip, self.chunk_size, normalize=self.normalize
