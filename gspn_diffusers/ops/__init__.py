@@ -16,6 +16,7 @@ from .reference import (
     NUM_GATES,
     check_direction,
     check_fused_inputs,
+    check_initial_state,
     check_scan_inputs,
     gspn_scan_fused_reference,
     gspn_scan_reference,
@@ -37,12 +38,19 @@ def gspn_scan(
     gate_logits: torch.Tensor,
     direction: str,
     chunk_size: int | None = None,
-) -> torch.Tensor:
-    """One-direction GSPN scan (channels-last). See :func:`gspn_scan_reference` for shapes."""
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One-direction GSPN scan (channels-last), optionally chained over blocks of lines by a carried state.
+
+    See :func:`gspn_scan_reference` for shapes and the carried state: scanning consecutive blocks of the
+    scan axis in scan order, each with the previous block's ``final_state``, equals the whole scan.
+    """
     check_direction(direction)
     check_scan_inputs(x, lam, gate_logits, chunk_size)
+    check_initial_state(x, initial_state, direction)
     backend = resolve_backend(x)
-    return backend.scan(x, lam, gate_logits, direction, chunk_size)
+    return backend.scan(x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state)
 
 
 def gspn_scan_fused(

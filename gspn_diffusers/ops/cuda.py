@@ -290,15 +290,18 @@ def _line_too_long(error: RuntimeError) -> bool:
     return True
 
 
-def cuda_scan(x, lam, gate_logits, direction: str, chunk_size: int | None = None) -> torch.Tensor:
+def cuda_scan(
+    x, lam, gate_logits, direction: str, chunk_size: int | None = None, initial_state=None, return_final_state=False
+):
     """:func:`gspn_scan_reference` computed by the kernel where it applies and passed its self-check."""
-    if _kernel_applies(x, lam, gate_logits) and _verified(x, False, False, chunk_size):
+    carried = initial_state is not None or return_final_state
+    if not carried and _kernel_applies(x, lam, gate_logits) and _verified(x, False, False, chunk_size):
         try:
             return kernel_scan(x, lam, gate_logits, direction, chunk_size)
         except RuntimeError as error:
             if not _line_too_long(error):
                 raise
-    return gspn_scan_reference(x, lam, gate_logits, direction, chunk_size)
+    return gspn_scan_reference(x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state)
 
 
 def cuda_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, normalize=False, eps=1e-6):

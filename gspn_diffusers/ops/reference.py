@@ -46,6 +46,24 @@ def check_scan_inputs(x: torch.Tensor, lam: torch.Tensor, gate_logits: torch.Ten
         raise ValueError(f"chunk_size must be None (global scan) or a positive int; got {chunk_size!r}.")
 
 
+def check_initial_state(x: torch.Tensor, initial_state: torch.Tensor | None, direction: str) -> None:
+    """initial_state is one hidden line across the scan: (B, H, C) for horizontal scans, (B, W, C) for vertical."""
+    if initial_state is None:
+        return
+    b, h, w, c = x.shape
+    expected = (b, w if _TRANSPOSED[direction] else h, c)
+    if tuple(initial_state.shape) != expected:
+        raise ValueError(
+            f"initial_state for a {direction} scan of x {tuple(x.shape)} must be (B, n_perp, C) = {expected} "
+            f"(n_perp = H for the horizontal scans, W for the vertical ones); got {tuple(initial_state.shape)}."
+        )
+    if initial_state.device != x.device or not initial_state.is_floating_point():
+        raise ValueError(
+            f"initial_state must be a floating-point tensor on {x.device}; got {initial_state.dtype} on "
+            f"{initial_state.device}."
+        )
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -90,11 +108,15 @@ def normalized_gates(gate_logits: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=3, keepdim=True)
 
 
-def chunk_starts(length: int, chunk_size: int | None, reversed_scan: bool, device: torch.device) -> torch.Tensor:
+def chunk_starts(
+    length: int, chunk_size: int | None, reversed_scan: bool, device: torch.device, carried: bool = False
+) -> torch.Tensor:
     """Bool (L,) in scan order: True where a line has no predecessor.
 
     Groups are aligned to image coordinates (image line i is in group i // chunk_size) for every
-    direction, so a reversed scan starts at the last image line of each group.
+    direction, so a reversed scan starts at the last image line of each group. ``carried``: the
+    first line's predecessor is a carried state, which a global scan uses; a local scan is cut into
+    blocks at group boundaries, so its first line always starts a group.
     """
     steps = torch.arange(length, device=device)
     image_index = length - 1 - steps if reversed_scan else steps
@@ -104,18 +126,22 @@ def chunk_starts(length: int, chunk_size: int | None, reversed_scan: bool, devic
         group = torch.div(image_index, chunk_size, rounding_mode="floor")
     starts = torch.ones(length, dtype=torch.bool, device=device)
     starts[1:] = group[1:] != group[:-1]
+    if carried and chunk_size is None and length > 0:
+        starts[0] = False
     return starts
 
 
-def propagate(source: torch.Tensor, weights: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+def propagate(
+    source: torch.Tensor, weights: torch.Tensor, starts: torch.Tensor, initial: torch.Tensor | None = None
+) -> torch.Tensor:
     """The recurrence in scan layout: h[:, :, j] = source[:, :, j] + sum_k w_k * h[:, r + k - 1, j - 1].
 
-    source: (N, R, L, C); weights: (N, R, L, 3, C) row-stochastic; starts: (L,) bool or (N, L) bool.
-    Loops over L only.
+    source: (N, R, L, C); weights: (N, R, L, 3, C) row-stochastic; starts: (L,) bool or (N, L) bool;
+    initial: (N, R, C), the line h[:, :, -1] before the first (zeros if None). Loops over L only.
     """
     starts = starts.expand(source.shape[0], -1) if starts.dim() == 1 else starts
     lines: list[torch.Tensor] = []
-    previous = torch.zeros_like(source[:, :, 0])
+    previous = torch.zeros_like(source[:, :, 0]) if initial is None else initial
     for j in range(source.shape[2]):
         padded = F.pad(previous, (0, 0, 1, 1))  # (N, R + 2, C): padded[r + k] is h[r + k - 1]
         w = weights[:, :, j]
@@ -132,19 +158,38 @@ def gspn_scan_reference(
     gate_logits: torch.Tensor,
     direction: str,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One-direction GSPN scan. x, lam: (B, H, W, C); gate_logits: (B, H, W, 3, G) with G | C.
 
     Returns h (B, H, W, C) in image coordinates and in the dtype of ``x``.
+
+    Carried state, for scanning a latent in consecutive blocks of lines (streaming, line-block
+    inference): ``initial_state`` (B, n_perp, C), n_perp = H for the horizontal scans and W for the
+    vertical ones, is the hidden line that precedes the block's first line in scan order; the first
+    line's gates weigh it like any predecessor (a chunked scan's first line starts a group, so there
+    it is unused). With ``return_final_state`` the result is ``(h, final_state)``, the block's last
+    line in scan order, which is the next block's ``initial_state``.
     """
     check_direction(direction)
     check_scan_inputs(x, lam, gate_logits, chunk_size)
+    check_initial_state(x, initial_state, direction)
     dtype = _compute_dtype(x.dtype)
     source = to_scan_layout((lam.to(dtype) * x.to(dtype)), direction)
     gates = to_scan_layout(expand_gate_channels(gate_logits.to(dtype), x.shape[-1]), direction)
-    starts = chunk_starts(source.shape[2], chunk_size, _REVERSED[direction], x.device)
-    h = propagate(source, normalized_gates(gates), starts)
-    return from_scan_layout(h, direction).to(x.dtype)
+    carried = initial_state is not None
+    starts = chunk_starts(source.shape[2], chunk_size, _REVERSED[direction], x.device, carried=carried)
+    initial = initial_state.to(dtype) if carried else None
+    h = propagate(source, normalized_gates(gates), starts, initial)
+    out = from_scan_layout(h, direction).to(x.dtype)
+    if not return_final_state:
+        return out
+    if h.shape[2] > 0:
+        final = h[:, :, -1]
+    else:  # an empty block passes the state through
+        final = initial if carried else h.new_zeros(h.shape[0], h.shape[1], h.shape[3])
+    return out, final.to(x.dtype)
 
 
 def _scan_direction_pair(
