@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 PRESETS = ("sd15", "sdxl")
+# Line-block inference by default above 256x256 tokens (no SD-1.5/SD-XL layer reaches it at the native size),
+# in blocks of 64 lines.
+LINE_BLOCK_TOKENS = 256 * 256
+LINE_BLOCK_LINES = 64
 
 
 @dataclass
@@ -33,6 +37,10 @@ class GSPNConfig:
             normaliser), which keeps the output scale independent of the resolution.
         train_projections: the attn1 to_q/to_k/to_v/to_out weights are trained too, so they are
             saved with the GSPN weights.
+        line_block_tokens: without gradients, a layer whose latent has more tokens than this computes its
+            gates one block of lines at a time (line-block inference, same result, a fraction of the memory);
+            ``None`` never does.
+        line_block_lines: lines per block of line-block inference (rounded up to a multiple of the chunk size).
         preset: the preset this config was built from (informational).
     """
 
@@ -43,6 +51,8 @@ class GSPNConfig:
     use_skip: bool = True
     normalize: bool = True
     train_projections: bool = False
+    line_block_tokens: int | None = LINE_BLOCK_TOKENS
+    line_block_lines: int = LINE_BLOCK_LINES
     preset: str | None = None
 
     def __post_init__(self) -> None:
@@ -50,6 +60,10 @@ class GSPNConfig:
             raise ValueError(f"gate_rank must be >= 1; got {self.gate_rank}.")
         if self.gate_channels is not None and self.gate_channels < 1:
             raise ValueError(f"gate_channels must be None or >= 1; got {self.gate_channels}.")
+        if self.line_block_tokens is not None and self.line_block_tokens < 0:
+            raise ValueError(f"line_block_tokens must be None or >= 0; got {self.line_block_tokens}.")
+        if self.line_block_lines < 1:
+            raise ValueError(f"line_block_lines must be >= 1; got {self.line_block_lines}.")
         for name, size in [("chunk_size", self.chunk_size), *self.layer_chunk_sizes.items()]:
             if size is not None and (not isinstance(size, int) or size < 1):
                 raise ValueError(f"chunk size for {name!r} must be None (global) or a positive int; got {size!r}.")

@@ -1,4 +1,4 @@
-"""GSPNAttnProcessor: what it hands the scan op (one dtype under autocast)."""
+"""GSPNAttnProcessor: what it hands the scan op (one dtype under autocast), and line-block inference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import gspn_diffusers
-from gspn_diffusers import ops
+from gspn_diffusers import GSPNAttnProcessor, GSPNConfig, line_block, ops
+from gspn_diffusers import processor as processor_module
 from gspn_diffusers.ops import backend
 from gspn_diffusers.tiny import tiny_pipeline
 
@@ -88,3 +89,101 @@ def test_processor_hands_the_op_one_activation_dtype(recorded_dtypes, cuda_autoc
 def test_cuda_autocast_hands_the_op_one_activation_dtype(recorded_dtypes, dtype):
     layers = run_tiny_unet("cuda", dtype)
     assert_one_activation_dtype(recorded_dtypes, dtype, layers)
+
+
+def processor_case(chunk_size, gate_channels, normalize, use_skip=True, height=13, width=11, channels=8, seed=0):
+    """A GSPN processor with random non-zero gates on a diffusers Attention, and tokens of a height x width latent."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=channels, heads=2, dim_head=channels // 2).double()
+    processor = GSPNAttnProcessor(
+        channels,
+        gate_rank=2,
+        gate_channels=gate_channels,
+        chunk_size=chunk_size,
+        use_skip=use_skip,
+        normalize=normalize,
+        line_block_tokens=None,
+        line_block_lines=4,
+    ).double()
+    with torch.no_grad():
+        for param in processor.parameters():
+            param.normal_()
+    attn.set_processor(processor)
+    processor.latent_size = (height, width)
+    return attn, processor, torch.randn(2, height * width, channels, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "chunk_size,gate_channels,normalize,use_skip",
+    [
+        (None, None, True, True),
+        (None, 2, False, True),
+        (3, None, True, False),
+        (5, 4, True, True),
+        (2, 8, False, False),
+    ],
+)
+@pytest.mark.parametrize("height,width", [(13, 11), (7, 16), (1, 9)])
+@pytest.mark.parametrize("block_lines", [1, 4, 64])
+def test_line_block_inference_equals_the_whole_computation(
+    chunk_size, gate_channels, normalize, use_skip, height, width, block_lines
+):
+    attn, processor, tokens = processor_case(chunk_size, gate_channels, normalize, use_skip, height, width)
+    with torch.no_grad():
+        whole = attn(tokens)
+        processor.line_block_tokens, processor.line_block_lines = 0, block_lines
+        blocks = attn(tokens)
+    torch.testing.assert_close(blocks, whole, rtol=1e-10, atol=1e-10)
+
+
+def test_line_block_inference_in_fp32(monkeypatch):
+    """fp32 (the dtype users run on a CPU): equal within fp32 rounding, and the gates never exist whole."""
+    attn, processor, tokens = processor_case(None, None, True, height=12, width=10)
+    attn, tokens = attn.float(), tokens.float()
+    seen = []
+    scan = ops.gspn_scan
+
+    def recording_scan(x, lam, gate_logits, *args, **kwargs):
+        seen.append(gate_logits.shape)
+        return scan(x, lam, gate_logits, *args, **kwargs)
+
+    monkeypatch.setattr(line_block, "gspn_scan", recording_scan)
+    with torch.no_grad():
+        whole = attn(tokens)
+        processor.line_block_tokens, processor.line_block_lines = 100, 4
+        blocks = attn(tokens)
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-5)
+    # 4 directions x 3 blocks of <= 4 lines, each with the gates of its own lines and direction only ([v, 1]: 2G).
+    assert len(seen) == 12
+    for _, h, w, *gates in seen:
+        assert gates == [3, 16] and ((h == 12 and w <= 4) or (h <= 4 and w == 10))
+
+
+def test_line_block_inference_only_without_grad_and_above_the_threshold(monkeypatch):
+    attn, processor, tokens = processor_case(None, None, True, height=6, width=5)
+    calls = []
+    monkeypatch.setattr(
+        processor_module,
+        "line_block_scan_fused",
+        lambda *a, **k: calls.append(1) or line_block.line_block_scan_fused(*a, **k),
+    )
+    processor.line_block_tokens = 30
+    with torch.no_grad():
+        attn(tokens)  # 30 tokens: not above the threshold
+    attn(tokens)  # grad enabled: the whole computation, which autograd can differentiate
+    assert not calls
+    processor.line_block_tokens = 29
+    with torch.no_grad():
+        attn(tokens)
+    assert calls == [1]
+
+
+def test_config_line_block_fields_reach_every_processor():
+    unet = tiny_pipeline("sd15").unet
+    gspn_diffusers.convert(unet, GSPNConfig(line_block_tokens=None, line_block_lines=8))
+    processors = gspn_diffusers.gspn_processors(unet).values()
+    assert all(p.line_block_tokens is None and p.line_block_lines == 8 for p in processors)
+    with pytest.raises(ValueError, match="line_block_lines"):
+        GSPNConfig(line_block_lines=0)
