@@ -187,3 +187,18 @@ def test_config_line_block_fields_reach_every_processor():
     assert all(p.line_block_tokens is None and p.line_block_lines == 8 for p in processors)
     with pytest.raises(ValueError, match="line_block_lines"):
         GSPNConfig(line_block_lines=0)
+
+
+def test_line_block_memory_per_token_channel_on_the_meta_sdxl():
+    """The meta-device estimate of one SD-XL GSPN layer at 16384x8192 (latent 1024x2048), bf16: the kernel drops the
+    reference's fp32 copies of the gates, and line-block inference drops the whole gate tensor (12 x 2 bytes)."""
+    from gspn_diffusers.pipelines.memory import gspn_layer_bytes_per_token_channel, meta_sdxl
+
+    unet, _ = meta_sdxl(True, torch.bfloat16)
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"  # C = 640, local scan
+    reference = gspn_layer_bytes_per_token_channel(unet, layer, 64, 128, line_block=False, scan_backend="reference")
+    whole = gspn_layer_bytes_per_token_channel(unet, layer, 1024, 2048, line_block=False)
+    blocks = gspn_layer_bytes_per_token_channel(unet, layer, 1024, 2048, line_block=True)
+    assert reference > 100 and 30 < whole < 40
+    assert blocks <= 22 and whole - blocks > 12
+    assert unet.get_submodule(layer).processor.line_block_tokens == GSPNConfig().line_block_tokens  # restored
