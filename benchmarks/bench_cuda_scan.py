@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cuda_scan.py --out benchmarks/results            # H100/H200/A100: peak from the table
     python benchmarks/bench_cuda_scan.py --peak-gbps 3350 --shapes 640:64x64 # override the peak, pick shapes
-    python benchmarks/bench_cuda_scan.py --tiles 0 1 2 4 8 16                # GSPN_DIFFUSERS_CUDA_TILE sweep instead
+    python benchmarks/bench_cuda_scan.py --tiles 0 1 2 4 8 16                # GSPN_DIFFUSERS_CUDA_TILE sweep (forward)
 
 For each shape C:HxW (batch 2, bf16 by default) and each gate width G = C / divisor (``--gate-divisors``, default
 G = C and G = C/8) it measures with CUDA events after warm-up (median of ``--repeats``):
@@ -172,6 +172,14 @@ def baseline_fused(ext, x, lam, gates, u, merge, skip):
     return out
 
 
+def kernel_forward_ms(inputs, args) -> float:
+    """Median ms of the fused kernel's forward on `inputs` (no autograd graph)."""
+    from gspn_diffusers.ops.cuda import kernel_scan_fused
+
+    with torch.no_grad():
+        return adaptive_time(lambda: kernel_scan_fused(*inputs, None, True), args.warmup, args.repeats)
+
+
 def time_kernel(inputs, args) -> tuple[float, float]:
     """(forward ms, forward + backward ms) of the fused kernel on `inputs` (made leaves here, no copies)."""
     from gspn_diffusers.ops.cuda import kernel_scan_fused
@@ -184,8 +192,7 @@ def time_kernel(inputs, args) -> tuple[float, float]:
             leaf.grad = None
         kernel_scan_fused(*leaves, None, True).backward(grad_y)
 
-    with torch.no_grad():
-        forward_ms = adaptive_time(lambda: kernel_scan_fused(*leaves, None, True), args.warmup, args.repeats)
+    forward_ms = kernel_forward_ms(leaves, args)
     forward_backward_ms = adaptive_time(forward_backward, args.warmup, args.repeats)
     for leaf in leaves:
         leaf.grad = None
@@ -263,11 +270,11 @@ def run_shape(ext, channels, gates, height, width, dtype, args, state: dict) -> 
     return row
 
 
-def tile_sweep(tiles: list[int], shapes: list[str], dtype: torch.dtype, args) -> list[dict]:
-    """Fused forward and forward + backward per GSPN_DIFFUSERS_CUDA_TILE value (0 = the kernel's own choice)."""
+def tile_sweep(tiles: list[int], shapes: list[str], dtype: torch.dtype, args, write) -> list[dict]:
+    """Fused forward per GSPN_DIFFUSERS_CUDA_TILE value (0 = the kernel's own choice); ``write(rows)`` after each."""
     from gspn_diffusers.ops.cuda import TILE_ENV
 
-    rows = []
+    rows: list[dict] = []
     for text in shapes:
         channels, height, width = parse_shape(text)
         inputs = make_inputs(args.batch, channels, channels, height, width, dtype)
@@ -276,20 +283,25 @@ def tile_sweep(tiles: list[int], shapes: list[str], dtype: torch.dtype, args) ->
             os.environ[TILE_ENV] = str(tile)
             row = {"channels": channels, "gate_channels": channels, "latent": f"{height}x{width}", "tile": tile}
             try:
-                row["kernel_forward_ms"], row["kernel_forward_backward_ms"] = time_kernel(inputs, args)
+                row["kernel_forward_ms"] = kernel_forward_ms(inputs, args)
                 row["kernel_forward_pct_peak"] = 100 * sizes["forward"] / row["kernel_forward_ms"] / 1e6 / args.peak
             except RuntimeError as error:
                 row["error"] = str(error).splitlines()[0]
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write(rows)
         os.environ.pop(TILE_ENV, None)
-        del inputs
+        inputs = None  # free this shape's inputs before the next
         torch.cuda.empty_cache()
     return rows
 
 
-def plot(rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib
+def plot(rows: list[dict], title: str, path: Path) -> bool:
+    """Draw the PNG; False where matplotlib is not installed (the JSON has everything)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -325,6 +337,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -388,8 +401,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
     if args.tiles is not None:
-        rows = tile_sweep(args.tiles, args.tile_shapes, dtype, args)
-        (args.out / "cuda_tiles.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+        def write(rows: list[dict]) -> None:
+            (args.out / "cuda_tiles.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+        tile_sweep(args.tiles, args.tile_shapes, dtype, args, write)
         print(f"wrote {args.out / 'cuda_tiles.json'}")
         return
     rows: list[dict] = []
@@ -411,8 +427,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             # Partial results survive a timeout of the whole run.
             (args.out / "cuda_scan.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    plot(rows, f"GSPN CUDA kernel, {device}, {args.dtype}, batch {args.batch}", args.out / "cuda_scan.png")
-    print(f"wrote {args.out / 'cuda_scan.json'} and {args.out / 'cuda_scan.png'}")
+    print(f"wrote {args.out / 'cuda_scan.json'}")
+    if plot(rows, f"GSPN CUDA kernel, {device}, {args.dtype}, batch {args.batch}", args.out / "cuda_scan.png"):
+        print(f"wrote {args.out / 'cuda_scan.png'}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ The UNet is SD-XL's architecture with random weights (``UNet2DConditionModel.fro
 config, bf16, built on the GPU); speed and memory do not depend on the weights. Per stage size (WxH pixels, latent
 1/8) and attention, with one CFG half per call (batch 1, as the pipeline's ``split_cfg`` runs the large stages) and
 the pipeline's feed-forward chunking:
-- ``gspn``: the converted UNet on the whole latent, one call;
+- ``gspn``: the converted UNet (SD-XL preset: line-block inference above 256x256 tokens) on the whole latent,
+  one call; ``gspn-whole``: the same with line-block inference off (the whole gate tensor, the fused op);
 - ``original``: Diffusers' attention on the whole latent up to the native 128x128 latent; above it DemoFusion's
   windows (128x128, stride 64, ``--view-batch-size`` windows per call): one batched window call is measured and
   ``latent_s`` = that time x the calls needed to cover the latent (every window call has the same shape).
@@ -33,6 +34,7 @@ import torch
 GIB = 2**30
 DEFAULT_SIZES = ("1024x512", "2048x1024", "4096x2048", "8192x4096", "16384x8192")
 WINDOW, STRIDE = 128, 64  # SD-XL's native latent and DemoFusion's default stride (half of it)
+ATTENTIONS = ("gspn", "gspn-whole", "original")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -129,7 +131,7 @@ def bench_attention(unet, attention: str, sizes, args, deadline: float, rows: li
     window_row = None
     for height, width in sizes:
         row = {"attention": attention, "width": width * 8, "height": height * 8, "latent": f"{width}x{height}"}
-        if attention == "gspn" or height * width <= WINDOW * WINDOW:
+        if attention != "original" or height * width <= WINDOW * WINDOW:
             row.update(mode="whole", calls=1, **timed_row(unet, 1, height, width, last, deadline))
             if "call_s" in row:
                 last = (height * width, row["call_s"])
@@ -144,8 +146,12 @@ def bench_attention(unet, attention: str, sizes, args, deadline: float, rows: li
         write()
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+def plot(rows: list[dict], path: Path) -> bool:
+    """Draw the PNG; False where matplotlib is not installed (the JSON has everything)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -162,12 +168,13 @@ def plot(rows: list[dict], path: Path) -> None:
     ax_mem.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[parse_size(s) for s in DEFAULT_SIZES])
-    parser.add_argument("--attention", nargs="+", choices=["gspn", "original"], default=["gspn", "original"])
+    parser.add_argument("--attention", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS))
     parser.add_argument("--view-batch-size", type=int, default=16, help="windows per UNet call (original)")
     parser.add_argument("--budget-s", type=float, default=140.0, help="stop measuring after this many seconds")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(
             "bench_hires_unet.py needs a CUDA GPU; `python benchmarks/estimate_hires_memory.py` estimates memory."
         )
-    from gspn_diffusers import convert, restore
+    from gspn_diffusers import GSPNConfig, convert, restore
 
     start = time.monotonic()
     unet = random_sdxl_unet(getattr(torch, args.dtype))
@@ -205,19 +212,24 @@ def main(argv: list[str] | None = None) -> None:
     def write() -> None:
         (args.out / "hires_unet.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
-    # GSPN first; the original gets what is left but at least a fifth of the budget (its rows are one window call).
-    order = [a for a in ("gspn", "original") if a in args.attention]
-    for attention in order:
-        share = 0.8 if attention == "gspn" and "original" in order else 1.0
+    # Shares of the time budget: the original's rows are one window call, GSPN's grow with the latent.
+    weights = {"gspn": 0.45, "gspn-whole": 0.35, "original": 0.2}
+    order = [a for a in ATTENTIONS if a in args.attention]
+    for i, attention in enumerate(order):
+        share = weights[attention] / sum(weights[a] for a in order[i:])
         deadline = time.monotonic() + share * (args.budget_s - (time.monotonic() - start))
-        if attention == "gspn":
-            convert(unet, "sdxl")
+        if attention != "original":
+            config = GSPNConfig.from_preset("sdxl")
+            if attention == "gspn-whole":
+                config.line_block_tokens = None
+            convert(unet, config)
         bench_attention(unet, attention, args.sizes, args, deadline, rows, write)
-        if attention == "gspn":
+        if attention != "original":
             restore(unet)
     write()
-    plot(rows, args.out / "hires_unet.png")
-    print(f"wrote {args.out / 'hires_unet.json'} and {args.out / 'hires_unet.png'}")
+    print(f"wrote {args.out / 'hires_unet.json'}")
+    if plot(rows, args.out / "hires_unet.png"):
+        print(f"wrote {args.out / 'hires_unet.png'}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@
 #   build    JIT-build the extension for this GPU's arch only (MAX_JOBS=16), cached for the next steps
 #   pytest   tests/test_cuda_kernel.py and tests/test_processor.py (junit XML)
 #   bench    benchmarks/bench_cuda_scan.py: the table of the GPU-path issue (JSON + PNG)
-#   tiles    the same kernel per GSPN_DIFFUSERS_CUDA_TILE value (JSON)
-#   hires    benchmarks/bench_hires_unet.py: SD-XL UNet call time and peak memory per stage size (JSON + PNG)
+#   tiles    the fused forward per GSPN_DIFFUSERS_CUDA_TILE value (JSON)
+#   hires    benchmarks/bench_hires_unet.py: SD-XL UNet call time and peak memory per stage size, GSPN with and
+#            without line-block inference and the original attention in windows (JSON + PNG)
 # OUT_DIR receives at most 8 files: summary.json (device, versions, commit, every step's status and seconds),
 # gpu_check.log, pytest.xml, cuda_scan.json, cuda_scan.png, cuda_tiles.json, hires_unet.json, hires_unet.png.
 # GSPN_GIT_COMMIT names the commit where the tree has no .git (the device tool copies files only).
@@ -59,7 +60,7 @@ run build 240 python3 -c "from gspn_diffusers.ops.cuda import build_extension; b
 run pytest 100 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernel.py tests/test_processor.py \
     --junitxml="$OUT/pytest.xml"
 run bench 120 python3 benchmarks/bench_cuda_scan.py --out "$OUT"
-run tiles 40 python3 benchmarks/bench_cuda_scan.py --out "$OUT" --tiles 0 1 2 4 8 16 --repeats 10
+run tiles 40 python3 benchmarks/bench_cuda_scan.py --out "$OUT" --tiles 0 1 2 4 8 16 --warmup 1 --repeats 5
 run hires 160 python3 benchmarks/bench_hires_unet.py --out "$OUT" --budget-s 140
 
 STEPS_JSON="[${STEPS_JSON%,}]" OUT="$OUT" python3 - <<'EOF' 2>&1 | tee -a "$LOG"
