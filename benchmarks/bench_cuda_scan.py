@@ -252,6 +252,8 @@ def run_shape(ext, channels, gates, height, width, dtype, args, state: dict) -> 
         predicted, reason = predict_reference(
             state.get("reference"), elements, height + width, free, args.reference_max_s
         )
+        if reason is None and args.reference_max_elements is not None and elements > args.reference_max_elements:
+            reason = f"{elements} elements > --reference-max-elements {args.reference_max_elements}"
         if reason is None:
             row["reference_forward_ms"] = adaptive_time(lambda: gspn_scan_fused_reference(*inputs, None, True), 1, 3)
             state["reference"] = (elements, height + width, row["reference_forward_ms"] / 1e3)
@@ -353,6 +355,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-gbps", type=float, default=None, help="override the device's peak HBM bandwidth")
     parser.add_argument(
         "--reference-max-s", type=float, default=20.0, help="skip the PyTorch reference where predicted slower"
+    )
+    parser.add_argument(
+        "--reference-max-elements", type=int, default=None, help="also skip the reference above B*H*W*C elements"
     )
     parser.add_argument(
         "--sdpa-backward-max-tokens", type=int, default=128 * 128, help="time flash attention's backward up to here"

@@ -202,3 +202,23 @@ def test_line_block_memory_per_token_channel_on_the_meta_sdxl():
     assert reference > 100 and 30 < whole < 40
     assert blocks <= 22 and whole - blocks > 12
     assert unet.get_submodule(layer).processor.line_block_tokens == GSPNConfig().line_block_tokens  # restored
+
+
+def test_line_block_inference_under_autocast_matches_the_whole_computation():
+    """A converted tiny SD-XL UNet under CPU bf16 autocast: line-block and whole agree within bf16 rounding."""
+    unet = tiny_pipeline("sdxl").unet
+    gspn_diffusers.convert(unet)
+    with torch.no_grad():  # gates and merge away from their uniform initialisation
+        for processor in gspn_diffusers.gspn_processors(unet).values():
+            processor.gate_up.weight.normal_()
+            processor.merge.normal_()
+    sample, embeds, added = tiny_unet_inputs(unet, height=24, width=20)
+    outputs = []
+    for threshold in (None, 0):
+        for processor in gspn_diffusers.gspn_processors(unet).values():
+            processor.line_block_tokens, processor.line_block_lines = threshold, 5
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(unet(sample, 10, encoder_hidden_states=embeds, added_cond_kwargs=added).sample.float())
+    whole, blocks = outputs
+    assert blocks.dtype == whole.dtype and not torch.equal(blocks, torch.zeros_like(blocks))
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=3e-2 * whole.abs().max().item())
