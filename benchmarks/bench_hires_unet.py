@@ -7,7 +7,7 @@ The UNet is SD-XL's architecture with random weights (``UNet2DConditionModel.fro
 config, bf16, built on the GPU); speed and memory do not depend on the weights. Per stage size (WxH pixels, latent
 1/8) and attention, with one CFG half per call (batch 1, as the pipeline's ``split_cfg`` runs the large stages) and
 the pipeline's feed-forward chunking:
-- ``gspn``: the converted UNet (SD-XL preset: line-block inference above 256x256 tokens) on the whole latent,
+- ``gspn``: the converted UNet (default config: line-block inference above 512x512 tokens) on the whole latent,
   one call; ``gspn-whole``: the same with line-block inference off (the whole gate tensor, the fused op);
 - ``original``: Diffusers' attention on the whole latent up to the native 128x128 latent; above it DemoFusion's
   windows (128x128, stride 64, ``--view-batch-size`` windows per call): one batched window call is measured and

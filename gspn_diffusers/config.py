@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 PRESETS = ("sd15", "sdxl")
-# Line-block inference by default above 256x256 tokens (no SD-1.5/SD-XL layer reaches it at the native size),
-# in blocks of 64 lines.
-LINE_BLOCK_TOKENS = 256 * 256
+# Line-block inference by default above 512x512 tokens, in blocks of 64 lines: at 16384x8192 that is SD-XL's
+# 640-channel level (1024x512 tokens), whose whole gates would be the largest tensors of the call; the smaller
+# levels' gates stay below the peak, which is set elsewhere (the full-resolution ResNets).
+LINE_BLOCK_TOKENS = 512 * 512
 LINE_BLOCK_LINES = 64
 
 
