@@ -16,6 +16,11 @@ from typing import Any
 from .errors import GSPNUserError
 
 PRESETS = ("sd15", "sdxl")
+# Line-block inference by default above 512x512 tokens, in blocks of 64 lines: at 16384x8192 that is SD-XL's
+# 640-channel level (1024x512 tokens), whose whole gates would be the largest tensors of the call; the smaller
+# levels' gates stay below the peak, which is set elsewhere (the full-resolution ResNets).
+LINE_BLOCK_TOKENS = 512 * 512
+LINE_BLOCK_LINES = 64
 
 
 def _type_message(field_name: str, value: Any, expected: str) -> str:
@@ -48,6 +53,10 @@ class GSPNConfig:
             normaliser), which keeps the output scale independent of the resolution.
         train_projections: the attn1 to_q/to_k/to_v/to_out weights are trained too, so they are
             saved with the GSPN weights.
+        line_block_tokens: without gradients, a layer whose latent has more tokens than this computes its
+            gates one block of lines at a time (line-block inference, same result, a fraction of the memory);
+            ``None`` never does.
+        line_block_lines: lines per block of line-block inference (rounded up to a multiple of the chunk size).
         preset: the preset this config was built from (informational).
     """
 
@@ -58,6 +67,8 @@ class GSPNConfig:
     use_skip: bool = True
     normalize: bool = True
     train_projections: bool = False
+    line_block_tokens: int | None = LINE_BLOCK_TOKENS
+    line_block_lines: int = LINE_BLOCK_LINES
     preset: str | None = None
 
     def __post_init__(self) -> None:
@@ -66,6 +77,15 @@ class GSPNConfig:
         _check_int("gate_rank", self.gate_rank, optional=False)
         _check_int("gate_channels", self.gate_channels, optional=True)
         _check_int("chunk_size", self.chunk_size, optional=True, what="chunk size (null: global scan)")
+        if self.line_block_tokens is not None and (
+            isinstance(self.line_block_tokens, bool)
+            or not isinstance(self.line_block_tokens, int)
+            or self.line_block_tokens < 0
+        ):
+            raise GSPNUserError(
+                _type_message("line_block_tokens", self.line_block_tokens, "null (off) or a token count >= 0")
+            )
+        _check_int("line_block_lines", self.line_block_lines, optional=False)
         if not isinstance(self.layer_chunk_sizes, dict):
             raise GSPNUserError(
                 _type_message("layer_chunk_sizes", self.layer_chunk_sizes, "an object (pattern -> size)")

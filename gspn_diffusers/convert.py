@@ -147,6 +147,8 @@ def convert(pipe_or_unet: T, config: GSPNConfig | str | None = None) -> T:
             chunk_size=config.chunk_size_for(name),
             use_skip=config.use_skip,
             normalize=config.normalize,
+            line_block_tokens=config.line_block_tokens,
+            line_block_lines=config.line_block_lines,
         ).to(device=weight.device, dtype=weight.dtype)
         state.original_processors[name] = attn.processor
         attn.set_processor(processor)

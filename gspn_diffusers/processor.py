@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import LINE_BLOCK_LINES, LINE_BLOCK_TOKENS
+from .line_block import line_block_scan_fused
 from .ops import DIRECTIONS, NUM_GATES, gspn_scan_fused
 
 
@@ -27,6 +29,10 @@ class GSPNAttnProcessor(nn.Module):
         use_skip: learn a per-channel skip D * v, initialised to zero.
         normalize: divide by the scan of lam alone, so the output is a weighted average of v and
             keeps its scale at resolutions never seen in training.
+        line_block_tokens: without gradients, latents of more tokens than this run line-block inference
+            (:mod:`gspn_diffusers.line_block`): the gates exist one block of lines at a time instead of
+            (B, H, W, 4, 3, G) at once; same result. ``None`` never does.
+        line_block_lines: lines per block of line-block inference.
 
     The latent size of the current call is set by a forward pre-hook on the enclosing
     ``Transformer2DModel`` (see :mod:`gspn_diffusers.convert`) in :attr:`latent_size`; the token
@@ -41,16 +47,22 @@ class GSPNAttnProcessor(nn.Module):
         chunk_size: int | None = None,
         use_skip: bool = True,
         normalize: bool = True,
+        line_block_tokens: int | None = LINE_BLOCK_TOKENS,
+        line_block_lines: int = LINE_BLOCK_LINES,
     ) -> None:
         super().__init__()
         gate_channels = channels if gate_channels is None else gate_channels
         if channels % gate_channels != 0:
             raise ValueError(f"gate_channels={gate_channels} must divide the attention channels {channels}.")
+        if line_block_lines < 1:
+            raise ValueError(f"line_block_lines must be a positive number of lines; got {line_block_lines}.")
         hidden = max(1, channels // gate_rank)
         self.channels = channels
         self.gate_channels = gate_channels
         self.chunk_size = chunk_size
         self.normalize = normalize
+        self.line_block_tokens = line_block_tokens
+        self.line_block_lines = line_block_lines
         self.gate_down = nn.Linear(channels, hidden, bias=False)
         self.gate_up = nn.Linear(hidden, len(DIRECTIONS) * NUM_GATES * gate_channels)
         # Zero-initialised up-projection: at conversion every valid neighbour gets the same weight,
@@ -82,6 +94,11 @@ class GSPNAttnProcessor(nn.Module):
             )
         return height, width
 
+    def _line_blocks(self, num_tokens: int) -> bool:
+        """Line-block inference applies: no gradient is recorded and the latent is above the threshold."""
+        threshold = self.line_block_tokens
+        return threshold is not None and num_tokens > threshold and not torch.is_grad_enabled()
+
     def __call__(
         self,
         attn: nn.Module,
@@ -112,15 +129,32 @@ class GSPNAttnProcessor(nn.Module):
         def spatial(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(batch, height, width, t.shape[-1])
 
+        # Under autocast the projections return the autocast dtype but softplus/sigmoid may return fp32; the op
+        # gets one dtype (the value's), or the kernel's same-dtype check would send the call to the reference.
         value = spatial(attn.to_v(hidden_states))
-        lam = F.softplus(spatial(attn.to_k(hidden_states)))
-        gate = torch.sigmoid(spatial(attn.to_q(hidden_states)))
-        gate_logits = self.gate_up(self.gate_down(hidden_states)).reshape(
-            batch, height, width, len(DIRECTIONS), NUM_GATES, self.gate_channels
-        )
-        out = gspn_scan_fused(
-            value, lam, gate_logits, gate, self.merge, self.skip, self.chunk_size, normalize=self.normalize
-        )
+        dtype = value.dtype
+        lam = F.softplus(spatial(attn.to_k(hidden_states))).to(dtype)
+        gate = torch.sigmoid(spatial(attn.to_q(hidden_states))).to(dtype)
+        if self._line_blocks(num_tokens):
+            out = line_block_scan_fused(
+                value,
+                lam,
+                gate,
+                spatial(self.gate_down(hidden_states)),
+                self.gate_up.weight,
+                self.gate_up.bias,
+                self.merge,
+                self.skip,
+                self.chunk_size,
+                self.normalize,
+                self.line_block_lines,
+            )
+        else:
+            gate_logits = self.gate_up(self.gate_down(hidden_states)).to(dtype)
+            gate_logits = gate_logits.reshape(batch, height, width, len(DIRECTIONS), NUM_GATES, self.gate_channels)
+            out = gspn_scan_fused(
+                value, lam, gate_logits, gate, self.merge, self.skip, self.chunk_size, normalize=self.normalize
+            )
         out = attn.to_out[0](out.reshape(batch, num_tokens, -1))
         out = attn.to_out[1](out)
         if attn.residual_connection:

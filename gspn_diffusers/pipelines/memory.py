@@ -3,12 +3,16 @@
 How: the real SD-XL UNet and VAE architectures (random weights) are built on PyTorch's ``meta``
 device, where tensors have shapes but no storage, and one forward pass is traced under a
 dispatch mode that adds up the bytes of every live intermediate tensor (freed when the last
-reference to its storage dies), which gives the peak of live activations. The UNet is traced at
-two small latent sizes and the peak extrapolated linearly in the number of latent pixels (GSPN
-and flash attention are linear in tokens); the VAE decoder is traced once at its tile size
-(tiled decoding keeps the tile constant). Weights are counted from the parameters. The
+reference to its storage dies), which gives the peak of live activations. Each UNet call shape
+is traced at its real size (batch 1, scaled by the batch), so GSPN's line-block inference
+applies where the processors' threshold says it would. The VAE decoder is traced once at its
+tile size (tiled decoding keeps the tile constant). Weights are counted from the parameters. The
 original attention is counted as a fused SDPA kernel (flash / memory-efficient: only its
-output), which is what PyTorch runs on a GPU for fp16/bf16; GSPN as the reference backend.
+output), which is what PyTorch runs on a GPU for fp16/bf16. GSPN's scans are counted as the CUDA
+kernel (``scan_backend="kernel"``: its outputs only, no fp32 copies of the gates) or as the
+PyTorch reference (``"reference"``: its fp32 temporaries; its Python loop over lines makes
+large traces slow, so then the activations are fitted, affine in the latent pixels, on two small
+sizes).
 
 Not counted: the CUDA context and cuBLAS/cuDNN workspaces (about 0.5-1 GB) and allocator
 fragmentation, so a measured peak is expected somewhat above these numbers.
@@ -17,6 +21,7 @@ fragmentation, so a measured peak is expected somewhat above these numbers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -28,7 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..convert import convert
-from .demofusion import chunk_feed_forward
+from ..ops import backend
+from .demofusion import _block_level, _level_size, chunk_feed_forward
 from .stages import dilation_factor, plan_stage_sizes, resolve_local_denoising
 
 # SD-XL base 1.0's UNet and VAE configurations (stabilityai/stable-diffusion-xl-base-1.0), for random-weight models.
@@ -127,11 +133,49 @@ def _fused_sdpa() -> Iterator[None]:
         F.scaled_dot_product_attention = original
 
 
-def peak_activation_bytes(model: torch.nn.Module, run, *inputs: torch.Tensor) -> int:
-    """Peak bytes of the intermediate tensors of ``run(*inputs)`` on a ``meta`` model (weights and inputs excluded)."""
+def _kernel_scan(x, lam, gate_logits, direction, chunk_size=None, initial_state=None, return_final_state=False):
+    """The CUDA kernel's memory: it writes h (and the final line) in x's dtype, with no fp32 copy of the gates."""
+    h = torch.empty_like(x)
+    if not return_final_state:
+        return h
+    n_perp = x.shape[1] if direction in ("left_to_right", "right_to_left") else x.shape[2]
+    return h, x.new_empty(x.shape[0], n_perp, x.shape[-1])
+
+
+def _kernel_scan_fused(x, *args, **kwargs):
+    return torch.empty_like(x)
+
+
+SCAN_BACKENDS = ("kernel", "reference")
+
+
+@contextlib.contextmanager
+def _scan_memory(scan_backend: str) -> Iterator[None]:
+    """Trace GSPN's scans as the CUDA kernel (outputs only) or as the PyTorch reference (its fp32 temporaries).
+
+    Meta tensors resolve to the reference backend; for ``"kernel"`` it is swapped for the kernel's memory model.
+    """
+    if scan_backend not in SCAN_BACKENDS:
+        raise ValueError(f"scan_backend must be one of {', '.join(SCAN_BACKENDS)}; got {scan_backend!r}.")
+    if scan_backend == "reference":
+        yield
+        return
+    reference = backend.REFERENCE
+    backend.REFERENCE = backend.Backend("kernel memory model", _kernel_scan, _kernel_scan_fused)
+    try:
+        yield
+    finally:
+        backend.REFERENCE = reference
+
+
+def peak_activation_bytes(model: torch.nn.Module, run, *inputs: torch.Tensor, scan_backend: str = "kernel") -> int:
+    """Peak bytes of the intermediate tensors of ``run(*inputs)`` on a ``meta`` model (weights and inputs excluded).
+
+    ``scan_backend``: GSPN's scans counted as the CUDA kernel (``"kernel"``) or the PyTorch reference.
+    """
     external = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers(), *inputs]}
     mode = _LiveBytes(external)
-    with torch.no_grad(), _fused_sdpa(), mode:
+    with torch.no_grad(), _fused_sdpa(), _scan_memory(scan_backend), mode:
         out = run(*inputs)
         del out
     return mode.peak
@@ -147,7 +191,9 @@ def meta_sdxl(gspn: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[UNet2DCo
     return unet, vae
 
 
-def _unet_peak(unet: UNet2DConditionModel, batch: int, height: int, width: int, chunking: bool) -> int:
+def _unet_peak(
+    unet: UNet2DConditionModel, batch: int, height: int, width: int, chunking: bool, scan_backend: str = "kernel"
+) -> int:
     dtype = unet.dtype
     sample = torch.empty(batch, 4, height, width, device="meta", dtype=dtype)
     embeds = torch.empty(batch, 77, 2048, device="meta", dtype=dtype)
@@ -158,10 +204,37 @@ def _unet_peak(unet: UNet2DConditionModel, batch: int, height: int, width: int, 
     chunk_feed_forward(unet, height if chunking else None, width)
     try:
         return peak_activation_bytes(
-            unet, lambda x, e: unet(x, 999, encoder_hidden_states=e, added_cond_kwargs=added), sample, embeds
+            unet,
+            lambda x, e: unet(x, 999, encoder_hidden_states=e, added_cond_kwargs=added),
+            sample,
+            embeds,
+            scan_backend=scan_backend,
         )
     finally:
         chunk_feed_forward(unet, None)
+
+
+def gspn_layer_bytes_per_token_channel(
+    unet: UNet2DConditionModel, layer: str, height: int, width: int, line_block: bool, scan_backend: str = "kernel"
+) -> float:
+    """Peak bytes of one GSPN layer's call (its input excluded, its output included) per token and channel.
+
+    ``unet`` is a converted ``meta`` UNet, ``layer`` an attn1 name, ``height x width`` the UNet's latent (the layer
+    sees it at its level's size); ``line_block`` forces line-block inference on or off for the call.
+    """
+    attn = unet.get_submodule(layer)
+    processor = attn.processor
+    level = _block_level(layer, len(unet.config.block_out_channels))
+    processor.latent_size = (_level_size(height, level), _level_size(width, level))
+    tokens = processor.latent_size[0] * processor.latent_size[1]
+    hidden = torch.empty(1, tokens, processor.channels, device="meta", dtype=unet.dtype)
+    saved = processor.line_block_tokens
+    processor.line_block_tokens = 0 if line_block else None
+    try:
+        peak = peak_activation_bytes(attn, attn, hidden, scan_backend=scan_backend)
+    finally:
+        processor.line_block_tokens = saved
+    return peak / (tokens * processor.channels)
 
 
 @dataclass
@@ -189,12 +262,14 @@ def estimate_hires_memory(
     forward_chunking: bool = True,
     cpu_offload: bool = False,
     dtype: torch.dtype = torch.bfloat16,
+    scan_backend: str = "kernel",
 ) -> list[StageMemory]:
     """Peak GPU memory per stage of SD-XL high-resolution generation (defaults: 16384x8192, bf16, GSPN).
 
     The options mean what they mean in :class:`~.demofusion.GSPNDemoFusionSDXLPipeline`; with
     ``cpu_offload`` only the UNet (or the VAE, while decoding) is on the GPU. The last stage
-    includes the tiled VAE decode of the final image. See the module docstring for the method.
+    includes the tiled VAE decode of the final image. ``scan_backend``: GSPN's scans as the CUDA kernel
+    (what a CUDA run uses) or the PyTorch reference. See the module docstring for the method.
     """
     unet, vae = meta_sdxl(gspn, dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -204,15 +279,23 @@ def estimate_hires_memory(
     vae_bytes = sum(p.numel() for p in vae.parameters()) * itemsize
     text_bytes = SDXL_TEXT_ENCODER_PARAMS * itemsize
 
-    # Activations per sample are affine in the latent pixels: fit on two small sizes.
-    small, large = (window // 2, window // 2), (window, window)
-    peak_small = _unet_peak(unet, 1, *small, forward_chunking)
-    peak_large = _unet_peak(unet, 1, *large, forward_chunking)
-    per_pixel = (peak_large - peak_small) / (large[0] * large[1] - small[0] * small[1])
-    fixed = peak_small - per_pixel * small[0] * small[1]
+    @functools.cache
+    def traced(h: int, w: int) -> int:
+        return _unet_peak(unet, 1, h, w, forward_chunking, scan_backend)
 
-    def unet_activations(batch: int, h: int, w: int) -> float:
-        return batch * (fixed + per_pixel * h * w)
+    if gspn and scan_backend == "reference":
+        # Activations per sample are affine in the latent pixels: fit on two small sizes.
+        small, large = (window // 2, window // 2), (window, window)
+        per_pixel = (traced(*large) - traced(*small)) / (large[0] * large[1] - small[0] * small[1])
+        fixed = traced(*small) - per_pixel * small[0] * small[1]
+
+        def unet_activations(batch: int, h: int, w: int) -> float:
+            return batch * (fixed + per_pixel * h * w)
+
+    else:
+
+        def unet_activations(batch: int, h: int, w: int) -> float:
+            return batch * traced(h, w)
 
     tile = vae.config.sample_size // 8
     tile_latent = torch.empty(1, 4, tile, tile, device="meta", dtype=dtype)

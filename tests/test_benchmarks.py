@@ -1,0 +1,109 @@
+"""The GPU benchmarks' CPU-side logic (sizes, byte model, skip rules) and the GPU check script's summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scan_bench_byte_model():
+    bench = load_benchmark("bench_cuda_scan")
+    sizes = bench.bytes_moved(batch=2, channels=640, gates=80, height=1024, width=512, element=2)
+    tokens = 2 * 1024 * 512
+    assert sizes["forward"] == 2 * (tokens * (4 * 640 + 12 * 80) + 5 * 640)
+    assert sizes["backward"] == 2 * tokens * (7 * 640 + 24 * 80)
+    assert sizes["forward_backward"] == sizes["forward"] + sizes["backward"]
+
+
+def test_scan_bench_reference_skip_rules():
+    bench = load_benchmark("bench_cuda_scan")
+    gib = 2**30
+    # First shape: measured unless its temporaries take more than half the free memory.
+    assert bench.predict_reference(None, 1000, 64, 80 * gib, 20.0) == (None, None)
+    _, reason = bench.predict_reference(None, 2 * 1024 * 512 * 640, 1536, 80 * gib, 20.0)
+    assert reason and "GiB" in reason
+    # Later shapes: scaled from the last measured one by elements or scan lines, whichever grew more.
+    seconds, reason = bench.predict_reference((1000, 64, 2.0), 4000, 128, 80 * gib, 20.0)
+    assert seconds == pytest.approx(8.0) and reason is None
+    seconds, reason = bench.predict_reference((1000, 64, 2.0), 2000, 1280, 80 * gib, 20.0)
+    assert seconds == pytest.approx(40.0) and "predicted" in reason
+
+
+def test_scan_bench_cli():
+    bench = load_benchmark("bench_cuda_scan")
+    args = bench.parse_args([])
+    assert [bench.parse_shape(s) for s in args.shapes] == [
+        (1280, 32, 32),
+        (640, 64, 64),
+        (640, 128, 128),
+        (320, 256, 256),
+        (640, 1024, 512),
+    ]
+    assert args.gate_divisors == [1, 8] and args.batch == 2 and args.dtype == "bf16"
+    args = bench.parse_args(["--shapes", "640:64x64", "--peak-gbps", "3350", "--out", "somewhere"])
+    assert args.peak_gbps == 3350 and args.out == Path("somewhere")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", "320:64x64", "--gate-divisors", "3"])
+    with pytest.raises(SystemExit, match="C:HxW"):
+        bench.parse_shape("640-64x64")
+
+
+def test_hires_unet_bench_sizes_and_windows():
+    bench = load_benchmark("bench_hires_unet")
+    args = bench.parse_args(["--sizes", "16384x8192", "1024x512"])
+    assert args.sizes == [(64, 128), (1024, 2048)]  # latent (H, W), smallest first
+    # DemoFusion's 128x128 windows at stride 64 over a 2048x1024 latent: 15 x 31 windows, 16 per call.
+    assert bench.window_calls(1024, 2048, 16) == math_ceil(15 * 31, 16)
+    assert bench.window_calls(128, 128, 16) == 1
+    assert bench.predicted_seconds((64 * 128, 0.5), 4 * 64 * 128) == pytest.approx(2.0)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sizes", "1000x510"])
+
+
+def math_ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+@pytest.mark.parametrize("name", ["bench_cuda_scan", "bench_hires_unet"])
+def test_gpu_benchmarks_say_they_need_a_gpu(name, tmp_path):
+    bench = load_benchmark(name)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench.main(["--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_writes_a_summary_when_out_of_time(tmp_path):
+    """With no time left every step is skipped, and summary.json still names each step and the commit."""
+    env = {
+        **os.environ,
+        "GSPN_CHECK_SECONDS": "0",
+        "GSPN_GIT_COMMIT": "given-commit",  # used where the tree has no .git
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["name"] for s in summary["steps"]] == ["wheels", "build", "pytest", "bench", "tiles", "hires"]
+    assert all(s["status"].startswith("skipped") for s in summary["steps"])
+    assert summary["git_commit"] == "given-commit" or len(summary["git_commit"]) == 40
+    assert summary["torch"] == torch.__version__
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.log", "summary.json"]
