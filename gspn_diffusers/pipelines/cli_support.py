@@ -14,6 +14,8 @@ from .demofusion import LOCAL_MODES, GSPNDemoFusionPipeline, GSPNDemoFusionSDXLP
 
 logger = logging.getLogger(__name__)
 
+CLI_ARGUMENT_NAMES = {"steps": "--steps", "skip_ratio": "--skip-ratio"}
+
 
 def add_hires_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the high-resolution path; they only matter when the target is larger than the native size."""
@@ -25,7 +27,8 @@ def add_hires_args(parser: argparse.ArgumentParser) -> None:
         "--local-denoising",
         choices=LOCAL_MODES,
         default="auto",
-        help="views: overlapping native windows (DemoFusion); full: whole latent (GSPN); auto: full with GSPN.",
+        help="whole: the whole latent (GSPN); windows: overlapping native windows (DemoFusion); auto: whole with "
+        "GSPN where the memory estimate fits the device, else windows.",
     )
     group.add_argument(
         "--save-stages", action="store_true", help="Also save every stage's image next to --output (name_stageK.png)."
@@ -51,6 +54,7 @@ def hires_pipeline_for(pipe: Any, args: argparse.Namespace) -> tuple[Any, dict[s
             f"{type(pipe).__name__}; generate at most {native} px with it."
         )
     hires = hires_class.from_pipe(pipe)
+    hires.argument_names = CLI_ARGUMENT_NAMES  # its messages name the flags, not the API arguments
     logger.info("Target above the native %d px: using %s", native, hires_class.__name__)
     kwargs = {
         "skip_ratio": args.skip_ratio,
