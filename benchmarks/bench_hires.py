@@ -28,8 +28,10 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from gspn_diffusers import convert, is_converted
 from gspn_diffusers.pipelines import GSPNDemoFusionSDXLPipeline
 from gspn_diffusers.pipelines.budget import gspn_backend_for, memory_budget
-from gspn_diffusers.pipelines.demofusion import LOCAL_MODES, StageSettings, TextConditioning, chunk_feed_forward
+from gspn_diffusers.pipelines.chunking import chunk_feed_forward
+from gspn_diffusers.pipelines.denoising import StageSettings, TextConditioning
 from gspn_diffusers.pipelines.memory import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+from gspn_diffusers.pipelines.stages import LOCAL_MODES
 
 GIB = 2**30
 
