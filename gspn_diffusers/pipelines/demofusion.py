@@ -414,15 +414,14 @@ class DemoFusionMixin(StageDenoisingMixin):
         anchor = latents
         stage_outputs = [self._to_output(latents, output_type, tiled_vae)] if return_stages else None
 
-        # 3. Encode the prompt once for the upscaling stages; the memory budget and the GSPN backend
+        # 3. Encode the prompt once for the upscaling stages; the GSPN backend that will run
         device = self._execution_device
         guidance_scale = self.guidance_scale
         do_cfg = guidance_scale > 1
         uncond, cond = self._encode_conditioning(prompts, device, num_images_per_prompt, do_cfg)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
         native_area = self.window**2
-        budget = memory_budget(self.unet.device, max_memory)
-        backend = gspn_backend_for(self.unet.device) if converted else "reference"
+        backend = gspn_backend_for(device) if converted else "reference"  # where the UNet runs, offloaded or not
         common = {
             "stride": stride,
             "cosine_scale_1": cosine_scale_1,
@@ -439,6 +438,7 @@ class DemoFusionMixin(StageDenoisingMixin):
                 latent_size = (stage_h // self.vae_scale_factor, stage_w // self.vae_scale_factor)
                 split = split_cfg if split_cfg is not None else latent_size[0] * latent_size[1] > 4 * native_area
                 samples = latents.shape[0] * (2 if do_cfg and not split else 1)
+                budget = memory_budget(device, max_memory)  # after the previous stage's memory was freed
                 mode, reason, views = self.plan_stage_memory(
                     latent_size, local_denoising, view_batch_size, samples, common, budget, backend
                 )
