@@ -17,7 +17,7 @@ from PIL import Image
 import gspn_diffusers
 from gspn_diffusers.cli import main
 from gspn_diffusers.pipelines import GSPNDemoFusionPipeline, GSPNDemoFusionSDXLPipeline
-from gspn_diffusers.pipelines.budget import memory_budget
+from gspn_diffusers.pipelines.budget import largest_view_batch, memory_budget
 from gspn_diffusers.pipelines.memory import estimate_stage_peak, peak_activation_bytes
 from gspn_diffusers.pipelines.stages import (
     base_size,
@@ -305,6 +305,22 @@ def test_pixel_space_upsampling_decodes_resizes_and_encodes():
     assert (pixel - latent).abs().max() > 1e-3
 
 
+def test_sdxl_second_prompt_reaches_the_base_and_the_stages():
+    pipe = hires_pipe("sdxl", gspn=True)
+    texts = {}
+
+    def hook(module, args, kwargs):
+        texts.setdefault(pipe.hires_stage, kwargs["encoder_hidden_states"])
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    generate(pipe, 128, 256, num_inference_steps=2, strength=1.0, output_type="latent")
+    plain, texts = texts, {}
+    generate(pipe, 128, 256, num_inference_steps=2, strength=1.0, prompt_2="a red barn", output_type="latent")
+    handle.remove()
+    torch.testing.assert_close(texts[1], texts[0])  # the stages see what the base saw
+    assert (texts[1] - plain[1]).abs().max() > 1e-4
+
+
 def test_a_generator_per_image_gives_each_image_its_own_seed():
     pipe = hires_pipe("sdxl", gspn=True)
     kwargs = {"num_inference_steps": 3, "local_denoising": "whole", "output_type": "latent", "guidance_rescale": 0.5}
@@ -497,6 +513,12 @@ def test_auto_mode_takes_the_whole_latent_with_gspn_where_it_fits():
     assert choose_local_denoising("whole", False, lambda: 1 / 0, budget=1) == ("whole", "requested")
     assert memory_budget(torch.device("cpu"), None) is None
     assert memory_budget(torch.device("cpu"), 123) == 123
+
+
+def test_view_batch_is_the_most_windows_that_fit():
+    assert largest_view_batch(lambda views: 10 * views, budget=55) == 5
+    assert largest_view_batch(lambda views: 10 * views, budget=1) == 1  # never 0: one window per call
+    assert largest_view_batch(lambda views: 1 / 0, budget=None) == 16  # DemoFusion's default, not estimated
 
 
 def test_stage_estimate_grows_with_the_latent_and_the_kernel_needs_less_than_the_reference():
