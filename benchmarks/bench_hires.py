@@ -5,8 +5,8 @@
 
 For every size (WxH) and attention it runs ``--steps`` denoising steps of an upscaling stage of
 :class:`GSPNDemoFusionSDXLPipeline` (skip residual, local branch, dilated sampling; ``--local-denoising
-auto`` as in the pipeline: GSPN on the whole latent up to 64x the native area, DemoFusion's windows
-above that and for the original attention)
+auto`` as in the pipeline: GSPN on the whole latent where the memory estimate fits the free memory,
+DemoFusion's windows where it does not and for the original attention)
 and a tiled VAE decode at that size, and records seconds and ``torch.cuda.max_memory_allocated``.
 No download is needed: the UNet and VAE are SD-XL's architectures with random weights and the
 text conditioning is random (speed and memory do not depend on the weights). Writes
@@ -27,9 +27,11 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 
 from gspn_diffusers import convert, is_converted
 from gspn_diffusers.pipelines import GSPNDemoFusionSDXLPipeline
-from gspn_diffusers.pipelines.demofusion import StageSettings, TextConditioning, chunk_feed_forward
+from gspn_diffusers.pipelines.budget import gspn_backend_for, memory_budget
+from gspn_diffusers.pipelines.chunking import chunk_feed_forward
+from gspn_diffusers.pipelines.denoising import StageSettings, TextConditioning
 from gspn_diffusers.pipelines.memory import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
-from gspn_diffusers.pipelines.stages import resolve_local_denoising
+from gspn_diffusers.pipelines.stages import LOCAL_MODES
 
 GIB = 2**30
 
@@ -86,25 +88,34 @@ def bench_size(pipe, height: int, width: int, args, local_denoising: str) -> dic
         torch.randn(1, 77, 2048, device="cuda", dtype=dtype), torch.randn(1, 1280, device="cuda", dtype=dtype)
     )
     cond = TextConditioning(torch.randn_like(uncond.embeds), torch.randn_like(uncond.pooled))
-    native_area = pipe.window**2
-    area = latents.shape[-2] * latents.shape[-1]
-    local_denoising = resolve_local_denoising(local_denoising, is_converted(pipe.unet), area, native_area)
-    settings = StageSettings(
-        guidance_scale=5.0,
-        local_denoising=local_denoising,
-        view_batch_size=args.view_batch_size,
+    latent_size = (height // 8, width // 8)
+    split = latent_size[0] * latent_size[1] > 4 * pipe.window**2
+    common = dict(
         stride=pipe.window // 2,
         cosine_scale_1=3.0,
         cosine_scale_2=1.0,
         cosine_scale_3=1.0,
         sigma=0.8,
-        split_cfg=latents.shape[-2] * latents.shape[-1] > 4 * native_area,
         forward_chunking=True,
+    )
+    # The pipeline's own choice of mode and windows per call, for this device's free memory and GSPN backend.
+    backend = gspn_backend_for(latents.device) if is_converted(pipe.unet) else "reference"
+    budget = memory_budget(latents.device, None)
+    local_denoising, reason, views = pipe.plan_stage_memory(
+        latent_size, local_denoising, args.view_batch_size, 1 if split else 2, common, budget, backend
+    )
+    settings = StageSettings(
+        guidance_scale=5.0,
+        local_denoising=local_denoising,
+        view_batch_size=views,
+        split_cfg=split,
+        final_size=(height, width),
+        **common,
     )
     pipe.scheduler.set_timesteps(args.steps * 5, device="cuda")
     timesteps = pipe.scheduler.timesteps[-args.steps :]
     pipe.scheduler.set_begin_index(len(pipe.scheduler.timesteps) - args.steps)
-    row = {"width": width, "height": height, "local_denoising": local_denoising, "split_cfg": settings.split_cfg}
+    row = {"width": width, "height": height, "local_denoising": local_denoising, "reason": reason, "split_cfg": split}
     try:
         seconds, peak, before = measure(
             lambda: pipe.denoise_stage(latents, timesteps, uncond, cond, settings, generator, {})
@@ -159,9 +170,9 @@ def main() -> None:
         help="WxH sizes (default: 2048x2048 and the stages of 16384x8192).",
     )
     parser.add_argument("--attention", nargs="+", choices=["gspn", "original"], default=["gspn", "original"])
-    parser.add_argument("--local-denoising", choices=["auto", "views", "full"], default="auto")
+    parser.add_argument("--local-denoising", choices=LOCAL_MODES, default="auto")
     parser.add_argument("--steps", type=int, default=1, help="Denoising steps timed per size.")
-    parser.add_argument("--view-batch-size", type=int, default=16)
+    parser.add_argument("--view-batch-size", type=int, default=None, help="Default: sized by free memory.")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()

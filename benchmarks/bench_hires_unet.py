@@ -1,6 +1,6 @@
 """One SD-XL UNet call per high-resolution stage size: time and peak GPU memory, GSPN whole latent vs original windows.
 
-    python benchmarks/bench_hires_unet.py --out benchmarks/results                      # 1024x512 ... 16384x8192
+    python benchmarks/bench_hires_unet.py --out benchmarks/results      # the pipeline's stages up to 16384x8192
     python benchmarks/bench_hires_unet.py --sizes 16384x8192 --attention gspn --budget-s 600
 
 The UNet is SD-XL's architecture with random weights (``UNet2DConditionModel.from_config`` of SD-XL base 1.0's
@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 GIB = 2**30
-DEFAULT_SIZES = ("1024x512", "2048x1024", "4096x2048", "8192x4096", "16384x8192")
+# The stages the high-res pipeline plans for SD-XL at 16384x8192 (base near 1 MP, then at most 2x per stage).
+DEFAULT_SIZES = ("1408x704", "2608x1304", "4808x2408", "8872x4440", "16384x8192")
 WINDOW, STRIDE = 128, 64  # SD-XL's native latent and DemoFusion's default stride (half of it)
 ATTENTIONS = ("gspn", "gspn-whole", "original")
 
@@ -72,7 +73,7 @@ def random_sdxl_unet(dtype: torch.dtype):
 
 def unet_call(unet, batch: int, height: int, width: int):
     """A closure running one UNet call at a latent size, with random SD-XL conditioning and the pipeline's chunking."""
-    from gspn_diffusers.pipelines.demofusion import chunk_feed_forward
+    from gspn_diffusers.pipelines.chunking import chunk_feed_forward
 
     dtype, gen = unet.dtype, torch.Generator("cuda").manual_seed(0)
     sample = torch.randn(batch, 4, height, width, device="cuda", dtype=dtype, generator=gen)

@@ -1,12 +1,17 @@
 """Estimated peak GPU memory per stage of SD-XL high-resolution generation, GSPN vs original attention (no GPU).
 
     python benchmarks/estimate_hires_memory.py --height 8192 --width 16384 --out benchmarks/results
+    python benchmarks/estimate_hires_memory.py --json     # the stages a CUDA run would take, as JSON
 
 Traces the real SD-XL UNet and VAE architectures on the ``meta`` device (see
-``gspn_diffusers/pipelines/memory.py`` for the method) and writes ``hires_memory_estimate.json``.
-It also prints the peak bytes per token and channel of one GSPN layer at the target size (input
-excluded, output included) for the PyTorch reference on the whole latent, the CUDA kernel on the
-whole latent, and the kernel with line-block inference. Takes a few minutes on a CPU.
+``gspn_diffusers/pipelines/memory.py`` for the method) for the GSPN backend a CUDA run uses (the
+kernel; ``--backend reference`` for the PyTorch ops) and writes ``hires_memory_estimate.json``.
+``--json`` prints only the automatic run as a JSON list, one object per stage (``width``, ``height``,
+``mode`` = "whole" or "windows", ``peak_gib``, ...), with each mode chosen as the pipeline chooses
+it on a device of ``--device-gb`` GB. Without ``--json`` it also prints the peak bytes per token and
+channel of one GSPN layer at the target size (input excluded, output included) for the PyTorch
+reference on the whole latent, the CUDA kernel on the whole latent, and the kernel with line-block
+inference. Takes a few minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pathlib import Path
 import torch
 
 from gspn_diffusers.pipelines.memory import (
-    SCAN_BACKENDS,
+    DEVICE_80GB,
+    GSPN_BACKENDS,
     as_dicts,
     estimate_hires_memory,
     gspn_layer_bytes_per_token_channel,
@@ -54,53 +60,54 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=8192)
     parser.add_argument("--width", type=int, default=16384)
     parser.add_argument("--view-batch-size", type=int, default=16)
+    parser.add_argument("--backend", choices=GSPN_BACKENDS, default="kernel", help="GSPN backend to count.")
+    parser.add_argument("--device-gb", type=float, default=DEVICE_80GB / 1e9, help="Device memory, GB (10^9).")
     parser.add_argument("--cpu-offload", action="store_true", help="Only the running model on the GPU.")
-    parser.add_argument(
-        "--scan-backend", choices=SCAN_BACKENDS, default="kernel", help="GSPN's scans as the CUDA kernel or reference"
-    )
+    parser.add_argument("--json", action="store_true", help="Print the automatic GSPN run as JSON, write nothing.")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    runs = {
-        "gspn_auto": dict(gspn=True, local_denoising="auto"),
-        "gspn_full": dict(gspn=True, local_denoising="full"),
-        "gspn_views": dict(gspn=True, local_denoising="views"),
-        "original_views": dict(gspn=False, local_denoising="views"),
-    }
+    common = dict(
+        view_batch_size=args.view_batch_size,
+        cpu_offload=args.cpu_offload,
+        backend=args.backend,
+        device_memory=int(args.device_gb * 1e9),
+    )
+    if args.json:
+        rows = estimate_hires_memory(args.height, args.width, gspn=True, local_denoising="auto", **common)
+        print(json.dumps(as_dicts(rows), indent=2))
+        return
     per_layer = layer_bytes(args.height, args.width)
     print(f"GSPN layer peak, bytes per token-channel at {args.width}x{args.height} (SD-XL bf16, batch 1):")
     for layer, modes in per_layer.items():
         print(f"  {layer}: " + ", ".join(f"{mode} {value:.1f}" for mode, value in modes.items()))
+    runs = {
+        "gspn_auto": dict(gspn=True, local_denoising="auto"),
+        "gspn_whole": dict(gspn=True, local_denoising="whole"),
+        "gspn_windows": dict(gspn=True, local_denoising="windows"),
+        "original_windows": dict(gspn=False, local_denoising="windows"),
+    }
     results = {}
     for name, options in runs.items():
-        rows = estimate_hires_memory(
-            args.height,
-            args.width,
-            view_batch_size=args.view_batch_size,
-            cpu_offload=args.cpu_offload,
-            scan_backend=args.scan_backend,
-            **options,
-        )
+        rows = estimate_hires_memory(args.height, args.width, **common, **options)
         results[name] = as_dicts(rows)
-        print(
-            f"\n{name} (SD-XL bf16, {'CPU offload' if args.cpu_offload else 'all models on the GPU'}, "
-            f"GSPN scans: {args.scan_backend})"
-        )
-        print(f"{'stage':>5} {'size':>12} {'UNet input':>14} {'weights':>8} {'UNet act':>9} {'decode':>7} {'peak':>7}")
+        where = "CPU offload" if args.cpu_offload else "all models on the GPU"
+        print(f"\n{name} (SD-XL bf16, GSPN backend {args.backend}, {where})")
+        print(f"{'stage':>5} {'size':>12} {'mode':>8} {'UNet input':>14} {'weights':>8} {'UNet act':>9} {'peak':>7}")
         for r in rows:
             print(
-                f"{r.stage:>5} {r.width:>6}x{r.height:<5} {r.unet_input:>14} {r.weights_gib:>7.1f}G "
-                f"{r.unet_activations_gib:>8.1f}G {r.decode_gib:>6.1f}G {r.peak_gib:>6.1f}G"
+                f"{r.stage:>5} {r.width:>6}x{r.height:<5} {r.mode:>8} {r.unet_input:>14} {r.weights_gib:>7.1f}G "
+                f"{r.unet_activations_gib:>8.1f}G {r.peak_gib:>6.1f}G"
             )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "hires_memory_estimate.json"
-    document = {
+    payload = {
         "height": args.height,
         "width": args.width,
-        "scan_backend": args.scan_backend,
+        "backend": args.backend,
         "gspn_layer_bytes_per_token_channel": per_layer,
         "runs": results,
     }
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {path}")
 
 

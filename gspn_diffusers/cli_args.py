@@ -20,7 +20,7 @@ from .hub import CONFIG_NAME, holds_checkpoint
 # (gspn_diffusers.tiny.TINY_KINDS, loading.DTYPES, pipelines.demofusion.LOCAL_MODES).
 TINY_KINDS = ("sd15", "sdxl")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-LOCAL_MODES = ("auto", "views", "full")
+LOCAL_MODES = ("auto", "whole", "windows")
 CONFIG_FLAGS = {"preset": "--preset", "gate_rank": "--gate-rank", "gate_channels": "--gate-channels"}
 CHUNK_SIZE_GIVEN = "chunk_size_given"
 
@@ -98,7 +98,8 @@ def add_hires_args(parser: argparse.ArgumentParser) -> None:
         "--local-denoising",
         choices=LOCAL_MODES,
         default="auto",
-        help="views: overlapping native windows (DemoFusion); full: whole latent (GSPN); auto: full with GSPN.",
+        help="whole: the whole latent (GSPN); windows: overlapping native windows (DemoFusion); auto: whole with "
+        "GSPN where the memory estimate fits the device, else windows.",
     )
     group.add_argument(
         "--save-stages", action="store_true", help="Also save every stage's image next to --output (name_stageK.png)."

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +17,23 @@ from PIL import Image
 import gspn_diffusers
 from gspn_diffusers.cli import main
 from gspn_diffusers.pipelines import GSPNDemoFusionPipeline, GSPNDemoFusionSDXLPipeline
-from gspn_diffusers.pipelines.memory import peak_activation_bytes
-from gspn_diffusers.pipelines.stages import gaussian_blur, get_views, plan_stage_sizes, resolve_local_denoising
+from gspn_diffusers.pipelines.budget import largest_view_batch, memory_budget
+from gspn_diffusers.pipelines.memory import estimate_stage_peak, peak_activation_bytes
+from gspn_diffusers.pipelines.stages import (
+    base_size,
+    choose_local_denoising,
+    gaussian_blur,
+    get_views,
+    kept_steps,
+    match_statistics,
+    plan_stage_sizes,
+)
 from gspn_diffusers.tiny import tiny_pipeline
 
 HIRES = {"sd15": GSPNDemoFusionPipeline, "sdxl": GSPNDemoFusionSDXLPipeline}
 IMG2IMG = {"sd15": StableDiffusionImg2ImgPipeline, "sdxl": StableDiffusionXLImg2ImgPipeline}
 PROMPT = "a lighthouse at dawn"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def hires_pipe(kind: str, gspn: bool = False):
@@ -41,20 +54,33 @@ def generate(pipe, height, width, **kwargs):
 # ----------------------------------------------------------------------------- stage plan and geometry
 
 
-def test_stage_plan_reaches_the_target_exactly_in_2x_steps():
-    assert plan_stage_sizes(8192, 16384, native=1024, multiple=8) == [
-        (512, 1024),
-        (1024, 2048),
-        (2048, 4096),
-        (4096, 8192),
-        (8192, 16384),
-    ]
-    sizes = plan_stage_sizes(3000, 2000, native=1024, multiple=8)
-    assert sizes[0][0] == 1024 and sizes[-1] == (3000, 2000)
+@pytest.mark.parametrize(
+    "height,width,native,expected",
+    [
+        (8192, 16384, 1024, (704, 1408)),  # SD-XL's 2:1 bucket, not 512x1024 (0.5 MP)
+        (1080, 7680, 1024, (384, 2752)),  # not 144x1024
+        (4096, 4096, 1024, (1024, 1024)),
+        (3000, 2000, 1024, (1280, 832)),  # SD-XL's 2:3 bucket
+        (1024, 2048, 512, (384, 768)),  # SD-1.5: about 512x512 pixels
+        (2048, 2048, 512, (512, 512)),
+    ],
+)
+def test_base_is_near_the_trained_pixel_count_at_the_target_aspect(height, width, native, expected):
+    base_h, base_w = base_size(height, width, native, multiple=8)
+    assert (base_h, base_w) == expected
+    assert base_h % 64 == 0 and base_w % 64 == 0
+    assert 0.85 < base_h * base_w / native**2 < 1.15
+    assert abs(math.log(base_w / base_h * height / width)) < 0.05
+
+
+@pytest.mark.parametrize("height,width", [(8192, 16384), (1080, 7680), (3000, 2000), (1024, 1024), (1024, 1032)])
+def test_stage_plan_reaches_the_target_exactly_in_steps_of_at_most_2x(height, width):
+    sizes = plan_stage_sizes(height, width, native=1024, multiple=8)
+    assert sizes[0] == base_size(height, width, 1024, 8) and sizes[-1] == (height, width)
     for (h0, w0), (h1, w1) in zip(sizes, sizes[1:], strict=False):
-        assert h1 / h0 <= 2.01 and w1 / w0 <= 2.01
+        assert h0 <= h1 <= 2 * h0 and w0 <= w1 <= 2 * w0 and h0 * w0 < h1 * w1
         assert h0 % 8 == 0 and w0 % 8 == 0
-    assert plan_stage_sizes(1024, 512, native=1024, multiple=8) == [(1024, 512)]
+    assert len(plan_stage_sizes(8192, 16384, native=1024, multiple=8)) == 5  # 11.6x in 4 stages
 
 
 def test_views_cover_the_latent_and_stay_inside():
@@ -84,7 +110,8 @@ def test_two_stage_image_has_the_exact_target_size(kind, height, width):
     pipe = hires_pipe(kind)
     out = generate(pipe, height, width, output_type="pil", return_stages=True, num_inference_steps=3)
     assert out.images[0].size == (width, height)
-    assert [image[0].size for image in out.stage_images] == [(width // 2, height // 2), (width, height)]
+    base = base_size(height, width, 128, 8)  # tiny models: native 128 px, a 96x192 base for 1:2
+    assert [image[0].size for image in out.stage_images] == [(base[1], base[0]), (width, height)]
 
 
 @pytest.mark.parametrize("kind,height,width", [("sd15", 512, 136), ("sdxl", 256, 512)])
@@ -115,7 +142,7 @@ def _expected_calls(latent_h: int, latent_w: int, view_batch_size: int, split: b
     "skip_ratio,height,width,stages",
     [
         # 2 of 5 steps kept; stage 2 (32x64 latent) has more than 4x the native area -> CFG as two calls
-        (0.6, 256, 512, {1: (16, 32, False), 2: (32, 64, True)}),
+        (0.6, 256, 512, {1: (20, 40, False), 2: (32, 64, True)}),
         (0.8, 256, 128, {1: (32, 16, False)}),  # 1 of 5 steps kept
     ],
 )
@@ -135,6 +162,7 @@ def test_unet_is_called_the_expected_number_of_times_per_stage(skip_ratio, heigh
         num_inference_steps=steps,
         skip_ratio=skip_ratio,
         view_batch_size=view_batch_size,
+        local_denoising="windows",
         output_type="latent",
     )
     handle.remove()
@@ -148,13 +176,160 @@ def test_unet_is_called_the_expected_number_of_times_per_stage(skip_ratio, heigh
         assert max(calls[stage]) <= 2 * view_batch_size
 
 
-def test_full_local_denoising_calls_the_unet_once_on_the_whole_latent():
+def test_whole_latent_calls_the_unet_once_on_the_whole_latent():
     pipe = hires_pipe("sd15", gspn=True)
     shapes = []
     handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(a[0].shape)), with_kwargs=True)
     generate(pipe, 128, 256, num_inference_steps=5, cosine_scale_2=None, output_type="latent")
     handle.remove()
-    assert shapes[5:] == [(2, 4, 16, 32)] * 2  # "auto" -> full with GSPN; 2 of 5 steps kept; no dilated branch
+    assert shapes[5:] == [(2, 4, 16, 32)] * 2  # "auto" -> whole with GSPN; 2 of 5 steps kept; no dilated branch
+
+
+def test_whole_latent_with_the_dilated_branch_calls_the_unet_twice_per_step():
+    pipe = hires_pipe("sd15", gspn=True)
+    shapes = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(a[0].shape)), with_kwargs=True)
+    generate(pipe, 128, 256, num_inference_steps=5, output_type="latent")
+    handle.remove()
+    # Per kept step: the whole 16x32 latent (CFG batch 2), then the d = 2 -> 4 dilated 8x16 sub-latents in one call.
+    assert shapes[5:] == [(2, 4, 16, 32), (8, 4, 8, 16)] * 2
+
+
+# ----------------------------------------------------------------------------- DemoFusion fidelity
+
+
+def record_sdxl_conditioning(pipe) -> tuple[list, object]:
+    """(sample shape, time_ids rows) of every UNet call, from a forward pre-hook on the real UNet."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append((pipe.hires_stage, tuple(args[0].shape), kwargs["added_cond_kwargs"]["time_ids"].tolist()))
+
+    return calls, pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_sdxl_size_conditioning_is_the_final_size_with_a_zero_crop_on_the_whole_latent():
+    pipe = hires_pipe("sdxl", gspn=True)
+    calls, handle = record_sdxl_conditioning(pipe)
+    generate(pipe, 256, 512, num_inference_steps=4, strength=0.5, local_denoising="whole", output_type="latent")
+    handle.remove()
+    assert {stage for stage, _, _ in calls} == {0, 1, 2}
+    for _, shape, time_ids in calls:  # base, whole latents and dilated sub-latents alike
+        assert len(time_ids) == shape[0] and all(row == [256, 512, 0, 0, 256, 512] for row in time_ids)
+
+
+def test_sdxl_crop_conditioning_is_each_window_offset_in_pixels():
+    pipe = hires_pipe("sdxl", gspn=True)
+    calls, handle = record_sdxl_conditioning(pipe)
+    # stride 16 = the window: the windows of the 16x32 latent start at 0 and 16 (128 px), no jitter
+    generate(
+        pipe, 128, 256, num_inference_steps=2, strength=1.0, local_denoising="windows", stride=16, output_type="latent"
+    )
+    handle.remove()
+    windows = [time_ids for stage, shape, time_ids in calls if stage == 1 and shape[-2:] == (16, 16)]
+    dilated = [time_ids for stage, shape, time_ids in calls if stage == 1 and shape[-2:] == (8, 16)]
+    assert len(windows) == len(dilated) == 2  # 2 steps, one call each (CFG batched)
+    for time_ids in windows:  # [uncond: window 0, window 1; cond: window 0, window 1]
+        assert [row[2:4] for row in time_ids] == [[0, 0], [0, 128]] * 2
+        assert all(row[:2] == row[4:] == [128, 256] for row in time_ids)
+    assert all(row == [128, 256, 0, 0, 128, 256] for time_ids in dilated for row in time_ids)
+    jittered, handle = record_sdxl_conditioning(pipe)
+    generate(pipe, 256, 256, num_inference_steps=2, strength=1.0, local_denoising="windows", output_type="latent")
+    handle.remove()
+    for stage, shape, time_ids in jittered:
+        if stage == 1 and shape[-2:] == (16, 16):  # jittered windows of the 32x32 latent stay inside it
+            assert all(row[2] % 8 == 0 and 0 <= row[2] <= 128 and 0 <= row[3] <= 128 for row in time_ids)
+
+
+@pytest.mark.parametrize(
+    "steps,strength,kept",
+    [
+        (7, 0.5, [3]),  # 3.5 -> 3, as Diffusers' img2img
+        (5, 0.1, [1]),  # 0.5 -> never 0
+        (7, [0.5, 0.3], [3, 2]),  # one strength per stage (LinFusion lowers it stage by stage)
+    ],
+)
+def test_kept_steps_per_stage(steps, strength, kept):
+    assert [kept_steps(steps, s) for s in (strength if isinstance(strength, list) else [strength])] == kept
+    pipe = hires_pipe("sd15", gspn=True)
+    calls: dict[int, int] = {}
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda m, a, k: calls.__setitem__(pipe.hires_stage, calls.get(pipe.hires_stage, 0) + 1), with_kwargs=True
+    )
+    height, width = (128, 256) if len(kept) == 1 else (256, 512)
+    generate(
+        pipe,
+        height,
+        width,
+        num_inference_steps=steps,
+        strength=strength,
+        cosine_scale_2=None,
+        split_cfg=False,
+        output_type="latent",
+    )
+    handle.remove()
+    assert [calls[stage] for stage in range(1, len(kept) + 1)] == kept  # one whole-latent call per step
+
+
+def test_few_kept_steps_warn_with_the_api_names(caplog):
+    pipe = hires_pipe("sd15", gspn=True)
+    generate(pipe, 128, 256, num_inference_steps=5, skip_ratio=0.9, output_type="latent")
+    assert "keeps only 1 of 5 denoising steps (num_inference_steps=5, skip_ratio=0.9)" in caplog.text
+
+
+def test_each_stage_is_rescaled_to_the_base_statistics():
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    reference = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    matched = match_statistics(latents, reference)
+    torch.testing.assert_close(matched.mean((1, 2, 3)), reference.mean((1, 2, 3)))
+    torch.testing.assert_close(matched.std((1, 2, 3)), reference.std((1, 2, 3)))
+    pipe = hires_pipe("sd15", gspn=True)
+    out = generate(pipe, 256, 512, num_inference_steps=3, output_type="latent", return_stages=True)
+    base = out.stage_images[0]
+    for latent in out.stage_images[1:]:
+        torch.testing.assert_close(latent.mean(), base.mean(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(latent.std(), base.std(), atol=1e-5, rtol=1e-4)
+
+
+def test_pixel_space_upsampling_decodes_resizes_and_encodes():
+    pipe = hires_pipe("sd15", gspn=True)
+    encoded = []
+    handle = pipe.vae.encoder.register_forward_pre_hook(lambda m, a: encoded.append(tuple(a[0].shape)))
+    pixel = generate(
+        pipe, 128, 256, num_inference_steps=3, upsample="pixel", tiled_vae=False, output_type="latent"
+    ).images
+    handle.remove()
+    latent = generate(pipe, 128, 256, num_inference_steps=3, output_type="latent").images
+    assert encoded == [(1, 3, 128, 256)]  # the base image, resized to the stage's size
+    assert pixel.shape == latent.shape == (1, 4, 16, 32) and torch.isfinite(pixel).all()
+    assert (pixel - latent).abs().max() > 1e-3
+
+
+def test_sdxl_second_prompt_reaches_the_base_and_the_stages():
+    pipe = hires_pipe("sdxl", gspn=True)
+    texts = {}
+
+    def hook(module, args, kwargs):
+        texts.setdefault(pipe.hires_stage, kwargs["encoder_hidden_states"])
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    generate(pipe, 128, 256, num_inference_steps=2, strength=1.0, output_type="latent")
+    plain, texts = texts, {}
+    generate(pipe, 128, 256, num_inference_steps=2, strength=1.0, prompt_2="a red barn", output_type="latent")
+    handle.remove()
+    torch.testing.assert_close(texts[1], texts[0])  # the stages see what the base saw
+    assert (texts[1] - plain[1]).abs().max() > 1e-4
+
+
+def test_a_generator_per_image_gives_each_image_its_own_seed():
+    pipe = hires_pipe("sdxl", gspn=True)
+    kwargs = {"num_inference_steps": 3, "local_denoising": "whole", "output_type": "latent", "guidance_rescale": 0.5}
+    both = generate(
+        pipe, 128, 256, num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **kwargs
+    ).images
+    second = generate(pipe, 128, 256, generator=torch.Generator().manual_seed(4), **kwargs).images
+    torch.testing.assert_close(both[1:], second, atol=1e-4, rtol=1e-4)
+    assert (both[0] - both[1]).abs().max() > 1e-2
 
 
 # ----------------------------------------------------------------------------- skip residual off == SDEdit
@@ -182,7 +357,7 @@ def test_stage_without_residual_and_dilation_is_plain_sdedit(kind):
         generator=generator,
         cosine_scale_1=None,
         cosine_scale_2=None,
-        local_denoising="full",
+        local_denoising="whole",
         forward_chunking=False,
         output_type="latent",
         return_stages=True,
@@ -201,7 +376,8 @@ def test_stage_without_residual_and_dilation_is_plain_sdedit(kind):
         generator=torch.Generator().set_state(state["after_base"]),
         output_type="latent",
     ).images
-    torch.testing.assert_close(out.images, reference, atol=1e-5, rtol=1e-4)
+    # The stage's result is rescaled to the base latent's statistics (DemoFusion), after its denoising loop.
+    torch.testing.assert_close(out.images, match_statistics(reference, base_latent), atol=1e-5, rtol=1e-4)
     # and the residual does change the result (scale 1: c1 = cos factor, about 0.1 at the second step, t = 201)
     with_residual = generate(
         pipe,
@@ -212,10 +388,10 @@ def test_stage_without_residual_and_dilation_is_plain_sdedit(kind):
         guidance_scale=guidance,
         generator=torch.Generator().manual_seed(1),
         cosine_scale_2=None,
-        local_denoising="full",
+        local_denoising="whole",
         output_type="latent",
     ).images
-    assert not torch.allclose(with_residual, reference, atol=1e-4)
+    assert not torch.allclose(with_residual, out.images, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- tiled VAE, attention kinds, errors
@@ -236,7 +412,7 @@ def test_tiled_decode_matches_untiled_decode():
     assert pipe.vae.use_tiling is False
 
 
-@pytest.mark.parametrize("kind,local_denoising", [("sd15", "views"), ("sdxl", "full")])
+@pytest.mark.parametrize("kind,local_denoising", [("sd15", "windows"), ("sdxl", "whole")])
 def test_works_with_gspn_and_original_attention(kind, local_denoising):
     gspn = hires_pipe(kind, gspn=True)
     original = hires_pipe(kind)
@@ -263,14 +439,18 @@ def test_model_cpu_offload_keeps_working():
     "kwargs,message",
     [
         ({"height": 252, "width": 256}, "multiples of the VAE's latent factor 8"),
-        ({"height": 64, "width": 96}, "smaller than the base size"),
+        ({"height": 64, "width": 96}, "smaller than the model's native size"),
         ({"strength": 0.0}, "strength must be in (0, 1]"),
         ({"strength": 1.5}, "strength must be in (0, 1]"),
         ({"skip_ratio": 1.0}, "strength must be in (0, 1]"),
         ({"skip_ratio": 0.5, "strength": 0.5}, "not both"),
         ({"local_denoising": "tiles"}, "local_denoising must be one of"),
         ({"stride": 32}, "stride must be in [1, 16]"),
-        ({"num_inference_steps": 2, "skip_ratio": 0.9}, "keeps no step"),
+        ({"strength": [0.5, 0.5]}, "one value per upscaling stage: this target has 1, got 2"),
+        ({"skip_ratio": [0.5, 1.0], "height": 256, "width": 512}, "strength must be in (0, 1]"),
+        ({"upsample": "nearest"}, "upsample must be one of latent, pixel"),
+        ({"prompt_2": "y"}, "prompt_2 and negative_prompt_2 are for SD-XL"),
+        ({"callback_on_step_end_tensor_inputs": ["prompt_embeds"]}, "callback_on_step_end_tensor_inputs"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(kwargs, message):
@@ -292,8 +472,10 @@ def test_cli_generate_above_native_size_uses_the_hires_pipeline(tmp_path, caplog
     assert main(args + (["--original"] if original else [])) == 0
     assert f"using {HIRES[kind].__name__}" in caplog.text
     assert Image.open(output).size == (256, 128)
-    assert Image.open(tmp_path / "big_stage0.png").size == (128, 64)
+    assert Image.open(tmp_path / "big_stage0.png").size == (192, 96)  # about 128x128 pixels at 2:1
     assert Image.open(tmp_path / "big_stage1.png").size == (256, 128)
+    # 2 steps x (1 - 0.5) keep 1 step: the warning speaks the command line's language
+    assert "raise --steps or lower --skip-ratio" in caplog.text and "num_inference_steps" not in caplog.text
 
 
 def test_cli_reports_bad_high_resolution_input(tmp_path, caplog):
@@ -321,9 +503,65 @@ def test_meta_trace_counts_sdpa_as_a_fused_kernel():
     assert peak < 4096 * 4096 * 4 / 8  # far below one N x N score matrix: linear in tokens
 
 
-def test_auto_local_denoising_uses_the_whole_latent_only_with_gspn_and_within_the_memory_limit():
-    native = 128 * 128
-    assert resolve_local_denoising("auto", True, 1024 * 512, native) == "full"  # SD-XL 8192x4096
-    assert resolve_local_denoising("auto", True, 2048 * 1024, native) == "views"  # SD-XL 16384x8192
-    assert resolve_local_denoising("auto", False, 256 * 256, native) == "views"
-    assert resolve_local_denoising("full", True, 2048 * 1024, native) == "full"
+def test_auto_mode_takes_the_whole_latent_with_gspn_where_it_fits():
+    fits = choose_local_denoising("auto", True, lambda: 10 * 2**30, budget=20 * 2**30)
+    assert fits[0] == "whole" and "10.0 GiB of 20.0 GiB" in fits[1]
+    too_big = choose_local_denoising("auto", True, lambda: 30 * 2**30, budget=20 * 2**30)
+    assert too_big[0] == "windows" and "more than 20.0 GiB" in too_big[1]
+    assert choose_local_denoising("auto", True, lambda: 1 / 0, budget=None)[0] == "whole"  # not even estimated
+    assert choose_local_denoising("auto", False, lambda: 1, budget=None)[0] == "windows"
+    assert choose_local_denoising("whole", False, lambda: 1 / 0, budget=1) == ("whole", "requested")
+    assert memory_budget(torch.device("cpu"), None) is None
+    assert memory_budget(torch.device("cpu"), 123) == 123
+
+
+def test_view_batch_is_the_most_windows_that_fit():
+    assert largest_view_batch(lambda views: 10 * views, budget=55) == 5
+    assert largest_view_batch(lambda views: 10 * views, budget=1) == 1  # never 0: one window per call
+    assert largest_view_batch(lambda views: 1 / 0, budget=None) == 16  # DemoFusion's default, not estimated
+
+
+def test_stage_estimate_grows_with_the_latent_and_the_kernel_needs_less_than_the_reference():
+    unet = tiny_pipeline("sdxl").unet
+    config, gspn_config = dict(unet.config), gspn_diffusers.GSPNConfig.from_preset("sdxl")
+
+    def peak(h, w, backend="kernel", mode="whole"):
+        return estimate_stage_peak(config, h, w, torch.float32, backend, mode, gspn_config=gspn_config)
+
+    assert peak(64, 128) > 3 * peak(32, 64)  # linear in pixels plus a constant
+    assert peak(64, 128, "kernel") < peak(64, 128, "reference")  # no fp32 copies of the gates
+    assert peak(64, 128, mode="windows") < peak(64, 128)  # 16 windows of 16x16 at most
+    original = estimate_stage_peak(config, 64, 128, torch.float32, "kernel", "whole", gspn_config=None)
+    assert original != peak(64, 128)
+
+
+@pytest.mark.parametrize("max_memory,mode", [(2**40, "whole"), (2**16, "windows")])
+def test_stage_mode_follows_the_given_memory(caplog, max_memory, mode):
+    caplog.set_level(logging.INFO, logger="gspn_diffusers.pipelines.demofusion")
+    pipe = hires_pipe("sd15", gspn=True)
+    shapes = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(a[0].shape)), with_kwargs=True)
+    generate(pipe, 128, 256, num_inference_steps=2, strength=1.0, max_memory=max_memory, output_type="latent")
+    handle.remove()
+    stage_log = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Stage 1/1")]
+    assert len(stage_log) == 1  # one line per stage, with the reason
+    if mode == "whole":
+        assert "whole latent (GSPN, the whole latent needs about" in stage_log[0]
+        assert (2, 4, 16, 32) in shapes[2:]
+    else:
+        assert "windows (the whole latent needs about" in stage_log[0] and "1 views per UNet call" in stage_log[0]
+        assert (2, 4, 16, 32) not in shapes[2:] and max(s[0] for s in shapes[2:]) == 2  # one window per call
+
+
+def test_estimate_script_prints_the_stages_as_json(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "estimate_hires_memory", ROOT / "benchmarks/estimate_hires_memory.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr("sys.argv", ["estimate_hires_memory.py", "--json", "--height", "8192", "--width", "16384"])
+    script.main()
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["width"], r["height"]) for r in rows][-1] == (16384, 8192) and len(rows) == 5
+    assert all({"width", "height", "mode", "peak_gib"} <= set(r) for r in rows)
+    assert rows[-1]["mode"] == "whole" and rows[-1]["peak_gib"] < 30  # the kernel on an 80 GB device

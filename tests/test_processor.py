@@ -196,7 +196,7 @@ def test_line_block_memory_per_token_channel_on_the_meta_sdxl():
 
     unet, _ = meta_sdxl(True, torch.bfloat16)
     layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"  # C = 640, local scan
-    reference = gspn_layer_bytes_per_token_channel(unet, layer, 64, 128, line_block=False, scan_backend="reference")
+    reference = gspn_layer_bytes_per_token_channel(unet, layer, 64, 128, line_block=False, backend="reference")
     whole = gspn_layer_bytes_per_token_channel(unet, layer, 1024, 2048, line_block=False)
     blocks = gspn_layer_bytes_per_token_channel(unet, layer, 1024, 2048, line_block=True)
     assert reference > 100 and 30 < whole < 40

@@ -16,6 +16,8 @@ from .demofusion import GSPNDemoFusionPipeline, GSPNDemoFusionSDXLPipeline
 
 logger = logging.getLogger(__name__)
 
+CLI_ARGUMENT_NAMES = {"steps": "--steps", "skip_ratio": "--skip-ratio"}
+
 
 def hires_pipeline_for(pipe: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The pipeline to call for ``args.height x args.width`` and its extra keyword arguments.
@@ -36,6 +38,7 @@ def hires_pipeline_for(pipe: Any, args: argparse.Namespace) -> tuple[Any, dict[s
             f"{type(pipe).__name__}; generate at most {native} px with it."
         )
     hires = hires_class.from_pipe(pipe)
+    hires.argument_names = CLI_ARGUMENT_NAMES  # its messages name the flags, not the API arguments
     logger.info("Target above the native %d px: using %s", native, hires_class.__name__)
     kwargs = {
         "skip_ratio": args.skip_ratio,

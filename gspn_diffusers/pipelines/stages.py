@@ -8,38 +8,75 @@ dilated sampling, the overlapping local views and the Gaussian filter of the dil
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 
+def base_multiple(native: int, multiple: int) -> int:
+    """The grid of the base size: 64 px for the real models (SD-XL's aspect buckets are multiples of 64), finer for
+    tiny test models whose native size is far below 512 (a quarter of the native size, never below the VAE factor).
+    """
+    return max(multiple, min(64, native // 4 // multiple * multiple))
+
+
+def base_size(height: int, width: int, native: int, multiple: int) -> tuple[int, int]:
+    """The base image ``(height, width)``: about the trained pixel count (``native ** 2``), the target's aspect.
+
+    Models are trained at about ``native ** 2`` pixels on aspect buckets (SD-XL: about 1 MP on multiples of 64;
+    SD-1.5: about 512x512), so the base keeps that pixel count for any aspect ratio rather than putting the long
+    side at the native size, which gives SD-XL a 0.5 MP base at 2:1 and 1024x144 at 7680x1080. The chosen
+    size is the point of the :func:`base_multiple` grid nearest the target's aspect ratio and the native area
+    (both in log scale), clipped to the target itself.
+    """
+    grid = base_multiple(native, multiple)
+    area, aspect = float(native * native), width / height
+    best, best_score = (grid, grid), math.inf
+    for base_h in range(grid, 4 * native + 1, grid):
+        base_w = max(grid, round(base_h * aspect / grid) * grid)
+        score = abs(math.log(base_w / base_h / aspect)) + abs(math.log(base_w * base_h / area))
+        if score < best_score - 1e-12:
+            best, best_score = (base_h, base_w), score
+    return min(best[0], height), min(best[1], width)
+
+
 def plan_stage_sizes(height: int, width: int, native: int, multiple: int) -> list[tuple[int, int]]:
     """Pixel sizes ``(height, width)`` of the base image and of every upscaling stage, the last one the target.
 
-    The base has the target's aspect ratio and its long side at the model's native size (as in
-    DemoFusion). The number of stages is the smallest that keeps every step at most 2x, and the
-    stages grow by the same factor each time, so for a power-of-two ratio (16384x8192 from SD-XL's
-    1024) every stage is exactly 2x. Intermediate sizes are rounded to ``multiple`` (the VAE's
-    latent factor); the target itself is kept exactly.
+    The base is :func:`base_size`. The number of stages is the smallest that keeps every step at most 2x
+    on both axes, and the stages grow by the same factor each time (per axis); intermediate sizes are
+    rounded up to ``multiple`` (the VAE's latent factor), which keeps every step within 2x, and the
+    target itself is kept exactly.
     """
-    ratio = max(height, width) / native
-    if ratio < 1:
+    if max(height, width) < native:
         raise ValueError(
             f"The target {width}x{height} is smaller than the model's native size {native}: its long side must be at "
-            "least the base size. Use the plain pipeline for images at or below the native size."
+            "least the native size. Use the plain pipeline for images at or below the native size."
         )
-    num_stages = max(0, math.ceil(math.log2(ratio) - 1e-9))
-    sizes = []
-    for k in range(num_stages + 1):
-        scale = ratio ** ((k - num_stages) / num_stages) if num_stages else 1.0
-        sizes.append(
-            (
-                max(multiple, round(height * scale / multiple) * multiple),
-                max(multiple, round(width * scale / multiple) * multiple),
-            )
-        )
-    sizes[-1] = (height, width)
+    base_h, base_w = base_size(height, width, native, multiple)
+    ratio_h, ratio_w = height / base_h, width / base_w
+    num_stages = max(0, math.ceil(math.log2(max(ratio_h, ratio_w)) - 1e-9))
+    sizes = [(base_h, base_w)]
+    for k in range(1, num_stages):
+        step = k / num_stages
+        sizes.append((_round_up(base_h * ratio_h**step, multiple), _round_up(base_w * ratio_w**step, multiple)))
+    if num_stages:
+        sizes.append((height, width))
     return sizes
+
+
+def _round_up(size: float, multiple: int) -> int:
+    return math.ceil(size / multiple - 1e-9) * multiple
+
+
+def kept_steps(num_inference_steps: int, strength: float) -> int:
+    """Steps a stage denoises: Diffusers' ``int(steps * strength)`` (robust to ``1 - 0.8 = 0.19999...``), never 0.
+
+    Flooring keeps a stage equal to Diffusers' img2img at the same strength; a product below 1 still keeps
+    one step, because a stage with no step would only add noise to the upsampled latent.
+    """
+    return max(1, min(int(num_inference_steps * strength + 1e-6), num_inference_steps))
 
 
 def cosine_factor(timestep: float, num_train_timesteps: int) -> float:
@@ -118,17 +155,45 @@ def dilated_views(dilation: int) -> list[tuple[int, int]]:
     return [(h, w) for h in range(dilation) for w in range(dilation)]
 
 
-# With the reference GSPN backend, the whole SD-XL latent of 16384x8192 (128x the native latent area)
-# needs about 82 GiB of UNet activations (see memory.py); up to 64x (8192x4096: about 20 GiB) it fits.
-FULL_LATENT_MAX_AREA_RATIO = 64
+# How a stage runs its local branch: "whole" is the UNet on the whole latent (GSPN's point: linear in tokens,
+# no patches), "windows" DemoFusion's overlapping native windows; "auto" decides per stage by memory.
+LOCAL_MODES = ("auto", "whole", "windows")
+GIB = 2**30
 
 
-def resolve_local_denoising(mode: str, gspn: bool, latent_area: int, native_area: int) -> str:
-    """``"auto"``: the whole latent (``"full"``) with GSPN up to 64x the native latent area, else DemoFusion's views.
+def choose_local_denoising(
+    requested: str, gspn: bool, whole_bytes: Callable[[], int], budget: float | None
+) -> tuple[str, str]:
+    """The local denoising of one stage and the reason, for the log.
 
-    The original attention is quadratic in tokens, so it always uses views; GSPN is linear, but its
-    activations still grow with the latent, and beyond the limit windows keep the peak constant.
+    ``"auto"`` runs the whole latent when GSPN replaces the attention and ``whole_bytes()`` (the
+    stage's estimated peak with the whole latent, evaluated only when needed) fits ``budget`` bytes
+    (``None``: no limit, as on a CPU); windows for the original attention, quadratic in tokens, and
+    when the whole latent does not fit.
     """
-    if mode != "auto":
-        return mode
-    return "full" if gspn and latent_area <= FULL_LATENT_MAX_AREA_RATIO * native_area else "views"
+    if requested != "auto":
+        return requested, "requested"
+    if not gspn:
+        return "windows", "the original attention is quadratic in tokens"
+    if budget is None:
+        return "whole", "GSPN, no memory limit"
+    need = whole_bytes()
+    if need <= budget:
+        return "whole", f"GSPN, the whole latent needs about {format_bytes(need)} of {format_bytes(budget)} available"
+    return "windows", f"the whole latent needs about {format_bytes(need)}, more than {format_bytes(budget)} available"
+
+
+def format_bytes(size: float) -> str:
+    """``12.3 GiB`` or ``45.6 MiB``: readable in a log line at any scale."""
+    return f"{size / GIB:.1f} GiB" if size >= GIB / 10 else f"{size / 2**20:.1f} MiB"
+
+
+def match_statistics(latents: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``latents`` shifted and scaled, image by image, to the mean and std of ``reference`` (over channels and pixels).
+
+    DemoFusion's anchor: each stage's result gets the base latent's statistics, which keeps the colours
+    and contrast of the base through the stages; it also renormalises the blurred copy of the dilated branch.
+    """
+    dims = tuple(range(1, latents.dim()))
+    mean, std = latents.mean(dims, keepdim=True), latents.std(dims, keepdim=True)
+    return (latents - mean) / std * reference.std(dims, keepdim=True) + reference.mean(dims, keepdim=True)
