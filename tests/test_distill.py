@@ -501,20 +501,36 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _without(argv: list[str], flag: str) -> list[str]:
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2 :]
+
+
 def test_two_process_ddp_run_from_the_command_line(tmp_path):
-    """The module entry point under torch.distributed (gloo on the CPU): what `accelerate launch` runs on GPUs."""
+    """The module entry point under torch.distributed (gloo on the CPU): what `accelerate launch` runs on GPUs.
+
+    6 images, batch 1 per process, 2 processes: one epoch is 3 steps per process (counted after the
+    loader is sharded, not 6), validation runs on both processes, and each process draws its own noise.
+    """
     data = write_files(tmp_path / "data")
+    argv = _without(train_argv(tmp_path / "out", "sd15", "--train_data_dir", str(data)), "--max_train_steps")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "gspn_diffusers.distill.train", *train_argv(tmp_path / "out", "sd15", "--train_data_dir", str(data)),
-        "--max_train_steps", "2", "--checkpointing_steps", "2", "--train_batch_size", "1",
+        "-m", "gspn_diffusers.distill.train", *argv, "--num_train_epochs", "1", "--checkpointing_steps", "3",
+        "--train_batch_size", "1", "--validation_steps", "2", "--num_validation_inference_steps", "1",
+        "--validation_prompts", "a red square",
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Num processes: 2" in result.stderr
-    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert "3 steps, 1 epochs of 3 steps" in result.stderr
+    checkpoint = tmp_path / "out" / "checkpoint-3"
     assert {"random_states_0.pkl", "random_states_1.pkl", "optimizer.bin"} <= {p.name for p in checkpoint.iterdir()}
+    states = [torch.load(checkpoint / f"random_states_{i}.pkl", weights_only=False) for i in range(2)]
+    assert not torch.equal(states[0]["torch_manual_seed"], states[1]["torch_manual_seed"])
+    grids = sorted(p.name for p in (tmp_path / "out" / "validation").glob("*.png"))
+    assert grids == ["step-0000002.png", "step-0000003.png"]
     load_gspn(tiny_pipeline("sd15"), tmp_path / "out")
 
 

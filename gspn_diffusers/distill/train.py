@@ -27,6 +27,7 @@ import importlib.util
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ from .validation import Validation, full_parameters
 logger = get_logger(__name__)
 
 LOSS_TERMS = ("loss", "target", "teacher", "feature")
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # bad input: reported as one line, no traceback
 GSPN_SUBFOLDER = "gspn"
 EMA_SUBFOLDER = "gspn_ema"
 DEFAULT_VALIDATION_PROMPTS = (
@@ -729,5 +731,17 @@ def main(args: argparse.Namespace) -> DistillResult:
     )
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m gspn_diffusers.distill.train`` / ``distill/train_gspn_distill.py``: a user error is one message."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except USER_ERRORS as error:
+        logging.basicConfig(format="%(levelname)s %(message)s")
+        logging.getLogger(__name__).error("%s", error)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(cli())

@@ -29,14 +29,21 @@ logger = logging.getLogger(__name__)
 def full_parameters(model: torch.nn.Module) -> Iterator[None]:
     """The full (unsharded) parameters in the modules inside, on every process (a collective under FSDP1).
 
-    DDP, DeepSpeed ZeRO-2 (parameters are not sharded) and FSDP2 (``fully_shard`` gathers in its
-    forward hooks) need nothing; FSDP1 gathers with ``summon_full_params``, read-only.
+    DDP and DeepSpeed ZeRO-2 (parameters are not sharded) need nothing; FSDP1 gathers with
+    ``summon_full_params`` (read-only), FSDP2 (``fully_shard``) with ``unshard`` / ``reshard``. Inside,
+    the modules hold plain full tensors, so ``save_gspn`` and the pipeline's UNet call work as usual.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     if isinstance(model, FullyShardedDataParallel):
         with FullyShardedDataParallel.summon_full_params(model, writeback=False):
             yield
+    elif isinstance(model, FSDPModule):
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
     else:
         yield
 
