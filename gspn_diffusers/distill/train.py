@@ -594,6 +594,7 @@ def main(args: argparse.Namespace) -> DistillResult:
 
     _register_state_hooks(accelerator, student, trainable, ema)
 
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     # The loader is sharded first: steps, epochs and the LR schedule follow from the per-process length.
     train_dataloader = accelerator.prepare(_dataloader(args, train_dataset, collate_fn))
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -606,12 +607,15 @@ def main(args: argparse.Namespace) -> DistillResult:
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loader was prepared on its own, above
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=args.train_batch_size, train_batch_size=total_batch
+        )
     prepared_student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     validation = Validation(pipe, teacher, args, accelerator, resolution, teacher_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=_scalar_config(args))
 
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         "Distilling %d GSPN tensors (%.2fM parameters): %d steps, %d epochs of %d steps, batch %d (per device %d "
         "x %d processes x %d accumulation)",
