@@ -307,6 +307,9 @@ def test_validation_grid_and_tensorboard(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(grids[0]))[:RESOLUTION], grid[:RESOLUTION])
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
     assert np.isfinite(result.losses["loss"])
+    # --prediction_type: the pipeline samples with it (the student's) and the teacher row used the original.
+    assert result.pipe.scheduler.config.prediction_type == "v_prediction"
+    assert tiny_pipeline("sd15").scheduler.config.prediction_type == "epsilon"
 
 
 def test_feature_loss_gradients_are_the_same_with_gradient_checkpointing():

@@ -132,7 +132,12 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     _flag(data, "dataset_name", default=None, help="Hugging Face dataset: hub name or save_to_disk folder.")
     _flag(data, "dataset_config_name", default=None, help="Config of the hub dataset.")
     _flag(data, "dataset_split", default="train", help="Split of a Hugging Face dataset.")
-    _flag(data, "cache_dir", default=None, help="Cache folder for hub datasets.")
+    _flag(
+        data,
+        "cache_dir",
+        default=None,
+        help="Cache folder for hub datasets and (with --cache_latents) the latent cache (default: output_dir).",
+    )
     _flag(data, "image_column", default="image", help="Image column of a Hugging Face dataset.")
     _flag(data, "caption_column", default="text", help="Caption column (HF dataset, metadata file, .json key).")
     _flag(data, "resolution", type=int, default=None, help="Training size in pixels (default: the model's native).")
