@@ -535,6 +535,12 @@ def test_two_process_ddp_run_from_the_command_line(tmp_path):
     grids = sorted(p.name for p in (tmp_path / "out" / "validation").glob("*.png"))
     assert grids == ["step-0000002.png", "step-0000003.png"]
     load_gspn(tiny_pipeline("sd15"), tmp_path / "out")
+    # Reproducible run to run: the same command again gives the same weights, bit for bit.
+    command[command.index("--master_port") + 1] = str(_free_port())
+    command[command.index(str(tmp_path / "out"))] = str(tmp_path / "again")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same(load_file(tmp_path / "out" / WEIGHTS_NAME), load_file(tmp_path / "again" / WEIGHTS_NAME))
 
 
 @pytest.mark.gpu

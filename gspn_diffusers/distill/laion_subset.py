@@ -73,8 +73,9 @@ def filter_rows(table: Any, limits: SubsetFilter, overrides: dict[str, str] | No
                 f"The parquet has no {kind} column (looked for {', '.join(COLUMNS[kind])}; columns: "
                 f"{list(table.columns)}); name it with --{kind}_col."
             )
-    needs = {"width": limits.min_side or limits.max_aspect_ratio, "height": limits.min_side or limits.max_aspect_ratio}
-    needs.update(aesthetic=limits.min_aesthetic, watermark=limits.max_watermark, unsafe=limits.max_unsafe)
+    size_limit = limits.min_side or limits.max_aspect_ratio or None
+    needs = {"width": size_limit, "height": size_limit, "aesthetic": limits.min_aesthetic}
+    needs.update(watermark=limits.max_watermark, unsafe=limits.max_unsafe)
     for kind, limit in needs.items():
         if limit is not None and columns[kind] is None:
             raise ValueError(
@@ -84,7 +85,7 @@ def filter_rows(table: Any, limits: SubsetFilter, overrides: dict[str, str] | No
     counts = {"input": len(table)}
     keep = table[columns["url"]].notna() & table[columns["caption"]].fillna("").astype(str).str.strip().ne("")
     counts["with_url_and_caption"] = int(keep.sum())
-    if needs["width"]:
+    if size_limit is not None:
         width, height = table[columns["width"]], table[columns["height"]]
         short, long = width.where(width < height, height), width.where(width >= height, height)
         if limits.min_side:
