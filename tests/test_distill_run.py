@@ -240,7 +240,7 @@ FSDP_SCRIPT = """
 import sys, torch
 from types import SimpleNamespace
 from accelerate import Accelerator
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from gspn_diffusers import GSPNConfig, convert, gspn_parameters, load_gspn, save_gspn
 from gspn_diffusers.distill.validation import Validation, full_parameters
 from gspn_diffusers.tiny import tiny_pipeline
@@ -255,11 +255,21 @@ convert(pipe, GSPNConfig.from_preset("sd15", gate_rank=2))
 for param in gspn_parameters(pipe).values():
     torch.nn.init.normal_(param, std=0.02)  # weights that differ from the initial ones
 save_gspn(pipe, f"{out}/before_sharding_{accelerator.process_index}")
-fully_shard(pipe.unet)  # what Accelerate's FSDP2 does on GPUs; Accelerate does not offer FSDP on the CPU
-assert type(next(pipe.unet.parameters())).__name__ == "DTensor"
+# What Accelerate's FSDP does on GPUs (it does not offer FSDP on the CPU): FSDP2 shards in place into DTensors,
+# FSDP1 wraps and leaves the UNet's parameters as views of a flat shard (empty on one of the processes).
+if sys.argv[2] == "2":
+    fully_shard(pipe.unet)
+    prepared = pipe.unet
+    assert type(next(pipe.unet.parameters())).__name__ == "DTensor"
+else:
+    pipe.unet.requires_grad_(False)
+    for param in gspn_parameters(pipe).values():
+        param.requires_grad_(True)
+    prepared = FullyShardedDataParallel(pipe.unet, use_orig_params=True, device_id=torch.device("cpu"))
+    assert pipe.unet.conv_in.weight.dim() == 1
 args = SimpleNamespace(validation_prompts=["a red square"], seed=0, num_validation_inference_steps=1, output_dir=out)
-path = Validation(pipe, teacher, args, accelerator, 64)(1, pipe.unet)
-with full_parameters(pipe.unet):
+path = Validation(pipe, teacher, args, accelerator, 64)(1, prepared)
+with full_parameters(prepared):
     if accelerator.is_main_process:
         save_gspn(pipe.unet, f"{out}/gathered")
 accelerator.wait_for_everyone()
@@ -267,12 +277,13 @@ print("done", accelerator.process_index, path)
 """
 
 
-def test_validation_and_saving_under_fsdp_two_processes(tmp_path):
+@pytest.mark.parametrize("fsdp_version", ["1", "2"])
+def test_validation_and_saving_under_fsdp_two_processes(tmp_path, fsdp_version):
     script = tmp_path / "fsdp_validation.py"
     script.write_text(FSDP_SCRIPT)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        str(script), str(tmp_path),
+        str(script), str(tmp_path), fsdp_version,
     ]  # fmt: skip
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
