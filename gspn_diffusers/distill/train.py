@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import importlib.util
 import logging
 import math
@@ -516,6 +517,34 @@ def _training_data(
     return CachedLatents(directory, len(dataset)), collate_cached
 
 
+def _prediction_type(pipe: DiffusionPipeline, prediction_type: str | None) -> tuple[Any, Any, Any]:
+    """The training noise scheduler, the teacher's sampling scheduler and the teacher-output conversion.
+
+    With ``--prediction_type`` different from the model's, the student learns the new target, the
+    teacher's output is converted to it (:func:`convert_prediction`), and the pipeline's scheduler
+    is registered with the new type (validation, and what the student is used with), while the
+    teacher's validation images keep the original scheduler.
+    """
+    teacher_scheduler = pipe.scheduler
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    teacher_type = noise_scheduler.config.prediction_type
+    if prediction_type is None or prediction_type == teacher_type:
+        return noise_scheduler, teacher_scheduler, None
+    noise_scheduler.register_to_config(prediction_type=prediction_type)
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    logger.warning(
+        "--prediction_type %s: the student is trained on it while the teacher predicts %s (converted); use the "
+        "distilled weights with a scheduler whose prediction_type is %s.",
+        prediction_type,
+        teacher_type,
+        prediction_type,
+    )
+    to_student = functools.partial(
+        convert_prediction, noise_scheduler, from_type=teacher_type, to_type=prediction_type
+    )
+    return noise_scheduler, teacher_scheduler, to_student
+
+
 def main(args: argparse.Namespace) -> DistillResult:
     """Run the distillation described by ``args`` (from :func:`parse_args`)."""
     check_args(args)
@@ -564,27 +593,7 @@ def main(args: argparse.Namespace) -> DistillResult:
     train_dataset, collate_fn = _training_data(args, pipe, dataset, accelerator, weight_dtype, report)
     unconditional = encode_text(pipe, [""], accelerator.device) if args.cache_latents else None
 
-    teacher_scheduler = pipe.scheduler
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    teacher_prediction = None
-    teacher_type = noise_scheduler.config.prediction_type
-    if args.prediction_type is not None and args.prediction_type != teacher_type:
-        # The student learns the new target; the teacher's output is converted to it, and the pipeline
-        # (validation, and what the student is used with) samples with the new prediction type.
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=args.prediction_type)
-
-        def teacher_prediction(pred: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return convert_prediction(noise_scheduler, pred, noisy, timesteps, teacher_type, args.prediction_type)
-
-        logger.warning(
-            "--prediction_type %s: the student is trained on %s while the teacher predicts %s (converted); use "
-            "the distilled weights with a scheduler whose prediction_type is %s.",
-            args.prediction_type,
-            args.prediction_type,
-            teacher_type,
-            args.prediction_type,
-        )
+    noise_scheduler, teacher_scheduler, teacher_prediction = _prediction_type(pipe, args.prediction_type)
     weights = LossWeights(args.teacher_loss_weight, args.feature_loss_weight, args.feature_loss_reduction)
     student_recorder = FeatureRecorder(student, args.feature_loss)
     teacher_recorder = FeatureRecorder(teacher, args.feature_loss)
