@@ -135,6 +135,7 @@ def test_output_dir_of_another_run_is_refused_before_any_model_loads(tmp_path, c
         (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
         (["--dataloader_num_workers", "-1"], "must not be negative"),
         (["--ema_decay", "1.5"], "--ema_decay"),
+        (["--gspn_weights", str(Path(__file__).parent)], "not a folder written by save_gspn"),
     ],
 )
 def test_bad_arguments_are_refused_before_loading(tmp_path, flags, message):

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from ..config import GSPNConfig
 from ..convert import convert, get_unet, gspn_config_of, gspn_parameters
 from ..loading import DTYPES, load_pipeline, native_size
-from ..serialization import load_gspn, save_gspn
+from ..serialization import CONFIG_NAME, load_gspn, save_gspn
 from ..tiny import TINY_KINDS
 from .cache import CachedLatents, build_latent_cache, cache_key, collate_cached
 from .checkpoints import check_output_dir, checkpoint_step, clear_output_dir, resolve_resume, save_checkpoint
@@ -460,8 +460,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag).")
     if args.model is not None and _looks_local(args.model) and not Path(args.model).expanduser().exists():
         raise FileNotFoundError(f"--model {args.model!r} does not exist; pass a Diffusers folder or a hub name.")
-    if args.gspn_weights is not None and Path(args.gspn_weights).expanduser().is_file():
-        raise ValueError(f"--gspn_weights {args.gspn_weights!r} is a file; pass the folder save_gspn wrote.")
+    if args.gspn_weights is not None:
+        weights = Path(args.gspn_weights).expanduser()
+        if weights.is_file() or (weights.is_dir() and not (weights / CONFIG_NAME).is_file()):
+            raise ValueError(
+                f"--gspn_weights {args.gspn_weights!r} is not a folder written by save_gspn (no {CONFIG_NAME})."
+            )
+        if _looks_local(args.gspn_weights) and not weights.exists():
+            raise FileNotFoundError(f"--gspn_weights {args.gspn_weights!r} does not exist.")
+    for tracker in ("wandb", "comet_ml"):
+        if args.report_to == tracker and importlib.util.find_spec(tracker) is None:
+            raise ValueError(
+                f"--report_to {tracker} needs it installed: pip install {tracker} (or --report_to tensorboard)."
+            )
     check_output_dir(Path(args.output_dir), args.resume_from_checkpoint, args.overwrite_output_dir)
 
 
