@@ -82,7 +82,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "scipy", "ruff", "datasets>=2.19"],
-        "distill": ["datasets>=2.19"],
+        "distill": ["datasets>=2.19", "pandas", "pyarrow"],
+        "deepspeed": ["deepspeed"],  # only for distill/configs/deepspeed_zero2.yaml
     },
     entry_points={"console_scripts": ["gspn-diffusers=gspn_diffusers.cli:main"]},
     ext_modules=ext_modules,

@@ -28,8 +28,14 @@ from safetensors.torch import load_file
 from gspn_diffusers import GSPNConfig, convert, gspn_parameters, load_gspn, save_gspn
 from gspn_diffusers.cli import main as cli_main
 from gspn_diffusers.distill.conditioning import drop_captions, prepare_inputs, sdxl_time_ids, text_conditioning
-from gspn_diffusers.distill.data import DatasetLayoutError, ImageCaptionDataset, collate, find_records
-from gspn_diffusers.distill.losses import Attn1Recorder, LossWeights, diffusion_target, distillation_losses
+from gspn_diffusers.distill.data import (
+    DatasetLayoutError,
+    ImageCaptionDataset,
+    UnreadableReport,
+    collate,
+    find_records,
+)
+from gspn_diffusers.distill.losses import FeatureRecorder, LossWeights, diffusion_target, distillation_losses
 from gspn_diffusers.distill.train import main, parse_args
 from gspn_diffusers.serialization import WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
@@ -145,7 +151,7 @@ def train_argv(output_dir: Path, kind: str = "sd15", *extra: str) -> list[str]:
         "--tiny", kind, "--output_dir", str(output_dir), "--resolution", str(RESOLUTION),
         "--train_batch_size", "2", "--max_train_steps", "4", "--learning_rate", "3e-3", "--lr_warmup_steps", "0",
         "--checkpointing_steps", "100", "--validation_prompts", "--report_to", "none", "--caption_dropout", "0",
-        "--gate-rank", "2", *extra,
+        "--gate-rank", "2", "--dataloader_num_workers", "0", *extra,
     ]  # fmt: skip
 
 
@@ -168,7 +174,7 @@ def fixed_batch_losses(kind: str, records, weights_dir: Path) -> dict[str, float
     )
     with torch.no_grad():
         losses = distillation_losses(
-            pipe.unet, teacher, Attn1Recorder(pipe.unet), Attn1Recorder(teacher), inputs.noisy_latents,
+            pipe.unet, teacher, FeatureRecorder(pipe.unet), FeatureRecorder(teacher), inputs.noisy_latents,
             inputs.timesteps, inputs.target, inputs.unet_kwargs, LossWeights(),
         )  # fmt: skip
     return {term: value.item() for term, value in losses.items()}
@@ -301,6 +307,9 @@ def test_validation_grid_and_tensorboard(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(grids[0]))[:RESOLUTION], grid[:RESOLUTION])
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
     assert np.isfinite(result.losses["loss"])
+    # --prediction_type: the pipeline samples with it (the student's) and the teacher row used the original.
+    assert result.pipe.scheduler.config.prediction_type == "v_prediction"
+    assert tiny_pipeline("sd15").scheduler.config.prediction_type == "epsilon"
 
 
 def test_feature_loss_gradients_are_the_same_with_gradient_checkpointing():
@@ -319,7 +328,7 @@ def test_feature_loss_gradients_are_the_same_with_gradient_checkpointing():
             pipe.unet.enable_gradient_checkpointing()
         latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         conditioning = text_conditioning(pipe, ["a red square"], torch.device("cpu"))
-        recorders = Attn1Recorder(pipe.unet), Attn1Recorder(teacher)
+        recorders = FeatureRecorder(pipe.unet), FeatureRecorder(teacher)
         weights = LossWeights(teacher=0.0, feature=1.0)
         losses = distillation_losses(
             pipe.unet, teacher, *recorders, latents, torch.tensor([500]), latents, conditioning, weights
@@ -351,26 +360,69 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     root = write_webdataset(tmp_path / "shards", corrupt=True)
     dataset = ImageCaptionDataset(find_records(train_data_dir=str(root)), RESOLUTION)
     assert len(dataset) == 8
+    report = UnreadableReport()
     with caplog.at_level(logging.WARNING):
-        samples = [dataset[i] for i in range(len(dataset))]
-    assert sum(s["skipped"] for s in samples) == 2
+        for epoch in range(3):  # every epoch skips them again; the log names each file once
+            dataset.set_epoch(epoch)
+            samples = [dataset[i] for i in range(len(dataset))]
+            report.update(collate(samples)["unreadable"])
+    assert report.skipped == 6
     assert caplog.text.count("Skipping unreadable image") == 2
+    assert "900000000.jpg" in caplog.text and "900000001.jpg" in caplog.text
     assert all(torch.isfinite(s["pixel_values"]).all() and s["pixel_values"].shape == (3, 64, 64) for s in samples)
 
 
-def test_caption_lists_and_missing_captions(tmp_path):
+def test_caption_lists_and_missing_captions(tmp_path, caplog):
     sample_images()[0][0].save(tmp_path / "a.png")
-    rows = [{"file_name": "a.png", "text": ["one", "two"]}, {"file_name": "a.png", "text": None}, {"text": "x"}]
+    rows = [
+        {"file_name": "a.png", "text": ["one", "two"]},
+        {"file_name": "a.png", "text": None},
+        {"file_name": "a.png", "text": ["", "three"]},
+        {"file_name": "a.png", "text": "  "},
+    ]
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records = find_records(train_data_dir=str(tmp_path))
-    assert len(records) == 2  # the row without a file_name is left out
+    with caplog.at_level(logging.WARNING):
+        records = find_records(train_data_dir=str(tmp_path))
+    assert len(records) == 2
+    assert "2 of the 4 images in" in caplog.text and "have no caption" in caplog.text
     dataset = ImageCaptionDataset(records, RESOLUTION)
     picked = set()
     for epoch in range(8):
         dataset.set_epoch(epoch)
         picked.add(dataset[0]["caption"])
+        assert dataset[1]["caption"] == "three"
     assert picked == {"one", "two"}
-    assert dataset[1]["caption"] == ""
+
+
+def test_images_without_caption_are_counted_in_every_layout(tmp_path, caplog):
+    shards = write_webdataset(tmp_path / "shards")
+    with tarfile.open(shards / "00000.tar", "a") as tar:  # an image with neither .txt nor .json
+        info = tarfile.TarInfo("nocaption.jpg")
+        payload = _encoded(sample_images()[0][0])
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    files = write_files(tmp_path / "files")
+    sample_images()[1][0].save(files / "00000" / "extra.jpg")
+    for root in (shards, files):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert len(find_records(train_data_dir=str(root))) == 6
+        assert "have no caption and are left out" in caplog.text, root
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_metadata_row_without_a_caption_column_names_file_and_line(tmp_path, kind):
+    root = write_metadata(tmp_path / "data", kind)
+    if kind == "jsonl":
+        lines = (root / "metadata.jsonl").read_text().splitlines()
+        lines[2] = json.dumps({"file_name": "images/2.png", "caption": "wrong key"})
+        (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        where = "metadata.jsonl line 3 has no 'text'"
+    else:
+        (root / "metadata.csv").write_text("file_name\nimages/0.png\n")
+        where = "metadata.csv line 2 has no 'text'"
+    with pytest.raises(DatasetLayoutError, match=where):
+        find_records(train_data_dir=str(root))
 
 
 def test_sdxl_records_original_size_and_crop(tmp_path):
@@ -411,7 +463,7 @@ def _write_bad_layouts(root: Path) -> dict[str, tuple[dict, str]]:
     return {
         "empty": ({"train_data_dir": str(root / "empty")}, "no images"),
         "no_captions": ({"train_data_dir": str(root / "no_captions")}, "1 images but no .txt caption"),
-        "wrong_columns": ({"train_data_dir": str(root / "wrong_columns")}, "it needs 'file_name'"),
+        "wrong_columns": ({"train_data_dir": str(root / "wrong_columns")}, "line 2 has no 'file_name' or 'text'"),
         "missing_files": ({"train_data_dir": str(root / "missing_files")}, "None of the 6 images listed"),
         "no_images_tar": ({"train_data_dir": str(root / "no_images_tar")}, "No image with a caption"),
         "hf_columns": ({"dataset_name": str(root / "hf")}, "the columns ['image', 'text'] are missing"),
@@ -452,21 +504,43 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _without(argv: list[str], flag: str) -> list[str]:
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2 :]
+
+
 def test_two_process_ddp_run_from_the_command_line(tmp_path):
-    """The module entry point under torch.distributed (gloo on the CPU): what `accelerate launch` runs on GPUs."""
+    """The module entry point under torch.distributed (gloo on the CPU): what `accelerate launch` runs on GPUs.
+
+    6 images, batch 1 per process, 2 processes: one epoch is 3 steps per process (counted after the
+    loader is sharded, not 6), validation runs on both processes, and each process draws its own noise.
+    """
     data = write_files(tmp_path / "data")
+    argv = _without(train_argv(tmp_path / "out", "sd15", "--train_data_dir", str(data)), "--max_train_steps")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "gspn_diffusers.distill.train", *train_argv(tmp_path / "out", "sd15", "--train_data_dir", str(data)),
-        "--max_train_steps", "2", "--checkpointing_steps", "2", "--train_batch_size", "1",
+        "-m", "gspn_diffusers.distill.train", *argv, "--num_train_epochs", "1", "--checkpointing_steps", "3",
+        "--train_batch_size", "1", "--validation_steps", "2", "--num_validation_inference_steps", "1",
+        "--validation_prompts", "a red square",
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Num processes: 2" in result.stderr
-    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert "3 steps, 1 epochs of 3 steps" in result.stderr
+    checkpoint = tmp_path / "out" / "checkpoint-3"
     assert {"random_states_0.pkl", "random_states_1.pkl", "optimizer.bin"} <= {p.name for p in checkpoint.iterdir()}
+    states = [torch.load(checkpoint / f"random_states_{i}.pkl", weights_only=False) for i in range(2)]
+    assert not torch.equal(states[0]["torch_manual_seed"], states[1]["torch_manual_seed"])
+    grids = sorted(p.name for p in (tmp_path / "out" / "validation").glob("*.png"))
+    assert grids == ["step-0000002.png", "step-0000003.png"]
     load_gspn(tiny_pipeline("sd15"), tmp_path / "out")
+    # Reproducible run to run: the same command again gives the same weights, bit for bit.
+    command[command.index("--master_port") + 1] = str(_free_port())
+    command[command.index(str(tmp_path / "out"))] = str(tmp_path / "again")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same(load_file(tmp_path / "out" / WEIGHTS_NAME), load_file(tmp_path / "again" / WEIGHTS_NAME))
 
 
 @pytest.mark.gpu

@@ -8,9 +8,11 @@
 
 Every layout is indexed once at start (captions and where each image lives; image bytes are read
 lazily), so an empty or wrongly laid out dataset fails before any model is loaded, with a message
-that says which layouts are understood. An image that cannot be decoded is skipped at training
-time: the sample is replaced by the next readable one and the skip is counted in the batch
-(``batch["skipped"]``) so the trainer can log it.
+that says which layouts are understood. Images without a caption are left out and counted (one
+warning per dataset); a ``metadata.jsonl`` / ``.csv`` row without the caption column is an error
+naming the file and line. An image that cannot be decoded is skipped at training time: the sample
+is replaced by the next readable one, and the batch names the skipped files
+(``batch["unreadable"]``) so the trainer warns once per file and counts every skip.
 """
 
 from __future__ import annotations
@@ -108,6 +110,22 @@ class ImageRecord:
         return self.source if isinstance(self.source, Path) else self.source()
 
 
+def _warn_missing_captions(count: int, total: int, where: str) -> None:
+    if count:
+        logger.warning(
+            "%d of the %d images in %s have no caption and are left out (give each a caption to train on it).",
+            count,
+            total,
+            where,
+        )
+
+
+def _has_caption(caption: Any) -> bool:
+    if isinstance(caption, list | tuple):
+        return any(_has_caption(c) for c in caption)
+    return isinstance(caption, str) and caption.strip() != ""
+
+
 def _read_text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace").strip()
 
@@ -150,10 +168,11 @@ def _index_tar_shard(shard: Path, caption_column: str) -> list[ImageRecord]:
     records = []
     for key, member in images.items():
         caption = captions.get(key, json_captions.get(key))
-        if caption is None:
+        if not _has_caption(caption):
             continue
         source = TarMember(shard, member.offset_data, member.size)
         records.append(ImageRecord(caption, f"{shard}:{member.name}", source))
+    _warn_missing_captions(len(images) - len(records), len(images), str(shard))
     return records
 
 
@@ -185,31 +204,38 @@ def webdataset_records(location: str, caption_column: str = "text") -> list[Imag
 def caption_file_records(root: Path) -> list[ImageRecord]:
     """Images anywhere under ``root`` with a same-named ``.txt`` caption (img2dataset's ``files`` format)."""
     records = []
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    for image in images:
         caption_path = image.with_suffix(".txt")
-        if caption_path.is_file():
-            records.append(ImageRecord(_read_text(caption_path.read_bytes()), str(image), image))
+        caption = _read_text(caption_path.read_bytes()) if caption_path.is_file() else ""
+        if _has_caption(caption):
+            records.append(ImageRecord(caption, str(image), image))
     if not records:
-        images = sum(1 for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        found = f"{images} images but no .txt caption beside them" if images else "no images"
+        found = f"{len(images)} images but no .txt caption beside them" if images else "no images"
         raise DatasetLayoutError(
             f"Found {found} in {str(root)!r}, and no metadata file ({', '.join(METADATA_FILES)})."
         )
+    _warn_missing_captions(len(images) - len(records), len(images), str(root))
     return records
 
 
-def _metadata_rows(path: Path) -> list[dict[str, Any]]:
+def _metadata_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The rows of a metadata file with their line numbers (for error messages)."""
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            return [(reader.line_num, row) for row in reader]
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DatasetLayoutError(f"{path} line {number} is not valid JSON ({error}).") from error
+        if not isinstance(row, dict):
+            raise DatasetLayoutError(f"{path} line {number} is not a JSON object with '{FILE_COLUMN}' and a caption.")
+        rows.append((number, row))
     return rows
 
 
@@ -217,23 +243,30 @@ def metadata_records(root: Path, metadata: Path, caption_column: str = "text") -
     rows = _metadata_rows(metadata)
     if not rows:
         raise DatasetLayoutError(f"{metadata} has no rows.")
-    columns = set(rows[0])
-    if FILE_COLUMN not in columns or caption_column not in columns:
-        raise DatasetLayoutError(
-            f"{metadata} has columns {sorted(columns)}; it needs '{FILE_COLUMN}' (the image path relative to "
-            f"{str(root)!r}) and '{caption_column}' (the caption; choose another with --caption_column)."
-        )
-    records, missing = [], 0
-    for row in rows:
-        image = root / str(row.get(FILE_COLUMN) or "")
-        if row.get(FILE_COLUMN) is None or not image.is_file():
+    for number, row in rows:
+        missing_columns = [c for c in (FILE_COLUMN, caption_column) if c not in row]
+        if missing_columns:
+            raise DatasetLayoutError(
+                f"{metadata} line {number} has no {' or '.join(repr(c) for c in missing_columns)} (columns: "
+                f"{sorted(row)}); every row needs '{FILE_COLUMN}' (the image path relative to {str(root)!r}) and "
+                f"'{caption_column}' (the caption, null or empty for none; choose the column with --caption_column)."
+            )
+    records, missing, no_caption = [], 0, 0
+    for _, row in rows:
+        image = root / str(row[FILE_COLUMN] or "")
+        if row[FILE_COLUMN] is None or not image.is_file():
             missing += 1
-            continue
-        records.append(ImageRecord(row[caption_column], str(image), image))
+        elif not _has_caption(row[caption_column]):
+            no_caption += 1
+        else:
+            records.append(ImageRecord(row[caption_column], str(image), image))
     if missing:
         logger.warning("%d of the %d images listed in %s do not exist and are left out.", missing, len(rows), metadata)
+    _warn_missing_captions(no_caption, len(rows) - missing, str(metadata))
     if not records:
-        raise DatasetLayoutError(f"None of the {len(rows)} images listed in {metadata} exist under {str(root)!r}.")
+        raise DatasetLayoutError(
+            f"None of the {len(rows)} images listed in {metadata} exist under {str(root)!r} with a caption."
+        )
     return records
 
 
@@ -277,11 +310,15 @@ def hf_records(
     if isinstance(dataset.features[image_column], datasets.Image):
         # Decode ourselves so that a broken image is skipped rather than raised inside `datasets`.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    captions = dataset[caption_column]
-    return [
+    records = [
         ImageRecord(caption, f"{name_or_path}[{i}]", HFImage(dataset, i, image_column))
-        for i, caption in enumerate(captions)
+        for i, caption in enumerate(dataset[caption_column])
+        if _has_caption(caption)
     ]
+    _warn_missing_captions(len(dataset) - len(records), len(dataset), repr(name_or_path))
+    if not records:
+        raise DatasetLayoutError(f"No row of dataset {name_or_path!r} has a caption in {caption_column!r}.")
+    return records
 
 
 def find_records(
@@ -344,7 +381,8 @@ def open_image(source: bytes | str | Path) -> Image.Image:
 def _pick_caption(caption: Any, rng: random.Random) -> str:
     """One caption: a random one of several (COCO-style lists), the empty prompt for a missing one."""
     if isinstance(caption, list | tuple):
-        caption = rng.choice(caption) if caption else None
+        captions = [c for c in caption if _has_caption(c)]
+        caption = rng.choice(captions) if captions else None
     return "" if caption is None else str(caption)
 
 
@@ -381,15 +419,14 @@ class ImageCaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
-        skipped = 0
+        unreadable = []
         for attempt in range(len(self.records)):
             record = self.records[(index + attempt) % len(self.records)]
             try:
                 image = open_image(record.load())
                 break
             except UNREADABLE_ERRORS as error:
-                skipped += 1
-                logger.warning("Skipping unreadable image %s: %s", record.where, error)
+                unreadable.append((record.where, str(error)))
         else:
             raise RuntimeError(f"None of the {len(self.records)} images of the dataset can be read.")
         flip = self.random_flip and rng.random() < 0.5
@@ -401,7 +438,7 @@ class ImageCaptionDataset(Dataset):
             "caption": caption,
             "original_size": torch.tensor(original_size),
             "crop_top_left": torch.tensor(crop_top_left),
-            "skipped": skipped,
+            "unreadable": unreadable,
         }
 
 
@@ -411,5 +448,21 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "captions": [s["caption"] for s in samples],
         "original_sizes": torch.stack([s["original_size"] for s in samples]),
         "crops_top_left": torch.stack([s["crop_top_left"] for s in samples]),
-        "skipped": torch.tensor(sum(s["skipped"] for s in samples)),
+        "unreadable": [where for s in samples for where in s["unreadable"]],
     }
+
+
+class UnreadableReport:
+    """Warns once per unreadable file (workers and epochs see a file again; the log should not) and counts skips."""
+
+    def __init__(self) -> None:
+        self.warned: set[str] = set()
+        self.skipped = 0
+
+    def update(self, unreadable: list[tuple[str, str]]) -> None:
+        """``unreadable``: (file, error) of every skip in a batch."""
+        self.skipped += len(unreadable)
+        for where, error in unreadable:
+            if where not in self.warned:
+                self.warned.add(where)
+                logger.warning("Skipping unreadable image %s: %s", where, error)

@@ -10,7 +10,12 @@ a frozen deep copy of the UNet made before the conversion. Only the GSPN paramet
 mixed-precision dtype. The structure follows Diffusers' example trainers: Accelerate state with
 save/load hooks that write the model's own format (``save_gspn`` into ``checkpoint-<step>/gspn``),
 ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint latest`` and
-validation images every ``--validation_steps``.
+validation images every ``--validation_steps``. Checkpoints are written atomically
+(:mod:`.checkpoints`), validation runs on every process (:mod:`.validation`, needed by FSDP), and
+``--cache_latents`` encodes each image once (:mod:`.cache`).
+
+Every process draws its own timesteps, noise and caption-dropout masks (seed + process index),
+reproducibly from run to run; the model weights are built from the same seed everywhere.
 """
 
 from __future__ import annotations
@@ -18,39 +23,50 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import importlib.util
 import logging
 import math
-import shutil
+import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler, DiffusionPipeline
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from ..config import GSPNConfig
 from ..convert import convert, get_unet, gspn_config_of, gspn_parameters
 from ..loading import DTYPES, load_pipeline, native_size
-from ..serialization import load_gspn, save_gspn
+from ..serialization import CONFIG_NAME, load_gspn, save_gspn
 from ..tiny import TINY_KINDS
-from .conditioning import prepare_inputs
-from .data import ImageCaptionDataset, collate, find_records
-from .losses import Attn1Recorder, LossWeights, distillation_losses
+from .cache import CachedLatents, build_latent_cache, cache_key, collate_cached
+from .checkpoints import check_output_dir, checkpoint_step, clear_output_dir, resolve_resume, save_checkpoint
+from .conditioning import encode_text, prepare_inputs
+from .data import ImageCaptionDataset, UnreadableReport, collate, find_records
+from .losses import (
+    FEATURE_LOSSES,
+    FEATURE_REDUCTIONS,
+    FeatureRecorder,
+    LossWeights,
+    convert_prediction,
+    distillation_losses,
+)
+from .validation import Validation, full_parameters
 
 logger = get_logger(__name__)
 
 LOSS_TERMS = ("loss", "target", "teacher", "feature")
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # bad input: reported as one line, no traceback
 GSPN_SUBFOLDER = "gspn"
 EMA_SUBFOLDER = "gspn_ema"
 DEFAULT_VALIDATION_PROMPTS = (
@@ -83,13 +99,27 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     )
     _flag(model, "train_projections", action="store_true", help="Also train (and save) the attn1 Q/K/V/out.")
     _flag(model, "teacher_loss_weight", type=float, default=0.5, help="a: weight of MSE(student, teacher).")
-    _flag(model, "feature_loss_weight", type=float, default=0.5, help="b: weight of the attn1 output MSE.")
+    _flag(model, "feature_loss_weight", type=float, default=0.5, help="b: weight of the feature MSE.")
+    _flag(
+        model,
+        "feature_loss",
+        choices=FEATURE_LOSSES,
+        default="attn1",
+        help="Features compared: attn1 outputs (LinFusion) or the UNet's down/mid/up block outputs (BK-SDM).",
+    )
+    _flag(
+        model,
+        "feature_loss_reduction",
+        choices=FEATURE_REDUCTIONS,
+        default="mean",
+        help="Mean or sum over the feature layers of their MSE (BK-SDM sums).",
+    )
     _flag(
         model,
         "prediction_type",
         choices=["epsilon", "v_prediction"],
         default=None,
-        help="Training target (default: the scheduler config's).",
+        help="Student's training target (default: the scheduler config's); the teacher's output is converted to it.",
     )
 
     data = parser.add_argument_group("data")
@@ -103,18 +133,42 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     _flag(data, "dataset_name", default=None, help="Hugging Face dataset: hub name or save_to_disk folder.")
     _flag(data, "dataset_config_name", default=None, help="Config of the hub dataset.")
     _flag(data, "dataset_split", default="train", help="Split of a Hugging Face dataset.")
-    _flag(data, "cache_dir", default=None, help="Cache folder for hub datasets.")
+    _flag(
+        data,
+        "cache_dir",
+        default=None,
+        help="Cache folder for hub datasets and (with --cache_latents) the latent cache (default: output_dir).",
+    )
     _flag(data, "image_column", default="image", help="Image column of a Hugging Face dataset.")
     _flag(data, "caption_column", default="text", help="Caption column (HF dataset, metadata file, .json key).")
     _flag(data, "resolution", type=int, default=None, help="Training size in pixels (default: the model's native).")
     _flag(data, "center_crop", action="store_true", help="Center crop instead of a random crop.")
     _flag(data, "random_flip", action="store_true", help="Flip horizontally with probability 0.5.")
     _flag(data, "caption_dropout", type=float, default=0.1, help="Probability of the empty prompt (for CFG).")
-    _flag(data, "dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    _flag(
+        data,
+        "dataloader_num_workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="DataLoader worker processes (default min(4, CPUs); persistent, with pinned memory on GPUs).",
+    )
+    _flag(
+        data,
+        "cache_latents",
+        action="store_true",
+        help="Encode each image (VAE posterior, text embeddings) once to disk under --cache_dir or "
+        "output_dir/latent_cache and reuse it every epoch; crop, flip and caption choice are fixed per image.",
+    )
 
     train = parser.add_argument_group("training")
     _flag(train, "output_dir", default="gspn-distilled", help="Checkpoints, logs, validation and final weights.")
-    _flag(train, "seed", type=int, default=0, help="Seed of models' noise, data order and augmentation.")
+    _flag(
+        train,
+        "overwrite_output_dir",
+        action="store_true",
+        help="Delete another run's checkpoints and weights in --output_dir and start over.",
+    )
+    _flag(train, "seed", type=int, default=0, help="Seed of data order and augmentation; process i draws with seed+i.")
     _flag(train, "train_batch_size", type=int, default=4, help="Per-device batch size.")
     _flag(train, "num_train_epochs", type=int, default=1)
     _flag(train, "max_train_steps", type=int, default=None, help="Optimizer steps; overrides num_train_epochs.")
@@ -126,7 +180,8 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
         train,
         "lr_scheduler",
         default="constant",
-        help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
+        choices=[t.value for t in SchedulerType],
+        help="Learning-rate schedule.",
     )
     _flag(train, "lr_warmup_steps", type=int, default=500)
     _flag(train, "use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
@@ -159,6 +214,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     )
     _flag(io, "validation_steps", type=int, default=500, help="Validation grid every M steps (0: only at the end).")
     _flag(io, "num_validation_inference_steps", type=int, default=25)
+    _flag(io, "logging_steps", type=int, default=10, help="Gather and log the loss terms every N steps.")
     _flag(io, "report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
     _flag(io, "logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
     _flag(io, "tracker_project_name", default="gspn-distill")
@@ -234,8 +290,9 @@ def build_models(
         if module is not None:
             module.requires_grad_(False).eval()
     student.requires_grad_(False)
-    # VAEs that overflow in fp16 (SD-XL's) ask to stay in fp32 with force_upcast, as the pipelines do at inference.
-    vae_dtype = torch.float32 if pipe.vae.config.get("force_upcast", False) else weight_dtype
+    # VAEs that overflow in fp16 (SD-XL's: force_upcast) stay in fp32 under fp16; bf16 has fp32's range.
+    upcast = pipe.vae.config.get("force_upcast", False) and weight_dtype == torch.float16
+    vae_dtype = torch.float32 if upcast else weight_dtype
     _move(pipe.vae, device, vae_dtype)
     for module in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), teacher, student):
         if module is not None:
@@ -272,41 +329,6 @@ def _optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> to
     )
 
 
-def _checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def _prune_checkpoints(output_dir: Path, limit: int | None) -> None:
-    """Before saving a new checkpoint keep at most ``limit - 1`` old ones."""
-    if limit is None:
-        return
-    existing = _checkpoints(output_dir)
-    for old in existing[: max(0, len(existing) - limit + 1)]:
-        logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", old, limit)
-        shutil.rmtree(old)
-
-
-def _resolve_resume(args: argparse.Namespace, output_dir: Path) -> Path | None:
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = _checkpoints(output_dir)
-        if not found:
-            logger.warning("No checkpoint in %s to resume from; starting a new run.", output_dir)
-            return None
-        return found[-1]
-    path = Path(args.resume_from_checkpoint).expanduser()
-    if not path.exists() and (output_dir / path).exists():
-        path = output_dir / path
-    if not path.is_dir() or not path.name.split("-")[-1].isdigit():
-        raise FileNotFoundError(
-            f"Checkpoint {args.resume_from_checkpoint!r} not found; pass a checkpoint-<step> folder written by this "
-            "trainer, or `latest` to pick the newest in --output_dir."
-        )
-    return path
-
-
 class _EMAWeights:
     """Context manager: the EMA weights in the model inside, the trained ones back outside."""
 
@@ -323,65 +345,6 @@ class _EMAWeights:
             self.ema.restore(self.params)
 
 
-class Validation:
-    """Images for the fixed validation prompts and seed, as a grid PNG and in tensorboard.
-
-    The grid's top row is the teacher (rendered once: it is frozen), the bottom row the student, so
-    each grid shows how close the distillation has come.
-    """
-
-    def __init__(
-        self,
-        pipe: DiffusionPipeline,
-        teacher: torch.nn.Module,
-        args: argparse.Namespace,
-        accelerator: Accelerator,
-        resolution: int,
-    ) -> None:
-        self.pipe, self.teacher, self.args = pipe, teacher, args
-        self.accelerator, self.resolution = accelerator, resolution
-        self._teacher_images: list | None = None
-
-    def _generate(self) -> list:
-        self.pipe.set_progress_bar_config(disable=True)
-        images = []
-        for prompt in self.args.validation_prompts:
-            generator = torch.Generator(device="cpu").manual_seed(self.args.seed or 0)
-            with torch.no_grad(), self.accelerator.autocast():
-                result = self.pipe(
-                    prompt,
-                    height=self.resolution,
-                    width=self.resolution,
-                    num_inference_steps=self.args.num_validation_inference_steps,
-                    generator=generator,
-                )
-            images.append(result.images[0])
-        return images
-
-    def teacher_images(self) -> list:
-        if self._teacher_images is None:
-            student = self.pipe.unet
-            self.pipe.unet = self.teacher
-            try:
-                self._teacher_images = self._generate()
-            finally:
-                self.pipe.unet = student
-        return self._teacher_images
-
-    def __call__(self, step: int) -> Path:
-        student, teacher = self._generate(), self.teacher_images()
-        path = Path(self.args.output_dir) / "validation" / f"step-{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        make_image_grid(teacher + student, rows=2, cols=len(student)).save(path)
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                for name, images in (("student", student), ("teacher", teacher)):
-                    stacked = np.stack([np.asarray(image) for image in images])
-                    tracker.writer.add_images(f"validation/{name}", stacked, step, dataformats="NHWC")
-        logger.info("Validation images for step %d (top: teacher, bottom: student) -> %s", step, path)
-        return path
-
-
 def _scalar_config(args: argparse.Namespace) -> dict[str, Any]:
     """Trackers (tensorboard hparams) accept only scalars."""
     return {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
@@ -390,16 +353,22 @@ def _scalar_config(args: argparse.Namespace) -> dict[str, Any]:
 def _register_state_hooks(
     accelerator: Accelerator, student: torch.nn.Module, trainable: list[torch.nn.Parameter], ema: EMAModel | None
 ) -> None:
-    """``save_state`` writes the GSPN weights (and EMA weights) with ``save_gspn`` instead of the whole UNet."""
+    """``save_state`` writes the GSPN weights (and EMA weights) with ``save_gspn`` instead of the whole UNet.
+
+    Under FSDP and DeepSpeed Accelerate saves and loads the model itself (``model_weights`` and
+    ``models`` come empty); the GSPN weights are still written, from the full parameters.
+    """
 
     def save_model_hook(models: list, model_weights: list, save_dir: str) -> None:
-        if accelerator.is_main_process:
-            for model in models:
-                save_gspn(accelerator.unwrap_model(model), Path(save_dir) / GSPN_SUBFOLDER)
+        for model in models:
+            with full_parameters(model):
+                if accelerator.is_main_process:
+                    save_gspn(accelerator.unwrap_model(model), Path(save_dir) / GSPN_SUBFOLDER)
+            if model_weights:
                 model_weights.pop()  # the full UNet is not saved: only the GSPN weights change
-            if ema is not None:
-                with _EMAWeights(ema, trainable):
-                    save_gspn(student, Path(save_dir) / EMA_SUBFOLDER)
+        if ema is not None and accelerator.is_main_process:
+            with _EMAWeights(ema, trainable):
+                save_gspn(student, Path(save_dir) / EMA_SUBFOLDER)
 
     def load_model_hook(models: list, load_dir: str) -> None:
         while models:
@@ -409,13 +378,18 @@ def _register_state_hooks(
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
-def _dataloader(args: argparse.Namespace, dataset: ImageCaptionDataset) -> torch.utils.data.DataLoader:
+def _dataloader(
+    args: argparse.Namespace, dataset: torch.utils.data.Dataset, collate_fn
+) -> torch.utils.data.DataLoader:
+    workers = args.dataloader_num_workers
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
         shuffle=True,
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
+        collate_fn=collate_fn,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
         # (whose RNG state Accelerate restores) would see different noise than the uninterrupted one.
         generator=torch.Generator().manual_seed(args.seed or 0),
@@ -424,36 +398,162 @@ def _dataloader(args: argparse.Namespace, dataset: ImageCaptionDataset) -> torch
 
 def _resume(accelerator: Accelerator, args: argparse.Namespace, output_dir: Path) -> int:
     """Load the checkpoint asked for (model, optimizer, LR schedule, EMA, sampler, RNG); returns its step."""
-    checkpoint = _resolve_resume(args, output_dir)
+    checkpoint = resolve_resume(args.resume_from_checkpoint, output_dir)
     if checkpoint is None:
         return 0
     logger.info("Resuming from %s", checkpoint)
     accelerator.load_state(str(checkpoint))
-    return int(checkpoint.name.split("-")[-1])
+    return checkpoint_step(checkpoint)
 
 
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit: int | None) -> None:
-    if accelerator.is_main_process:
-        _prune_checkpoints(output_dir, limit)
-    accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
-    logger.info("Saved state to %s", output_dir / f"checkpoint-{step}")
+def optimizer_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    max_grad_norm: float,
+) -> None:
+    """Clip the gradient norm (on the step that syncs gradients), step the optimizer and the LR schedule.
+
+    The norm is over all of ``model``'s gradients, which are the trained ones only (the frozen
+    parameters have none); passing the prepared model lets Accelerate use FSDP's sharded norm.
+    """
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(list(model.parameters()), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Fail on impossible settings before anything is loaded."""
+    """Fail on impossible settings before anything is loaded, each with what to do instead."""
     positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps"]
     positive += ["max_train_steps", "checkpoints_total_limit", "resolution", "num_validation_inference_steps"]
+    positive += ["logging_steps"]
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1; got {value}.")
-    for name in ("teacher_loss_weight", "feature_loss_weight", "learning_rate", "lr_warmup_steps", "validation_steps"):
+    non_negative = ["teacher_loss_weight", "feature_loss_weight", "learning_rate", "lr_warmup_steps"]
+    non_negative += ["validation_steps", "dataloader_num_workers", "adam_weight_decay"]
+    for name in non_negative:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must not be negative; got {getattr(args, name)}.")
+    if args.resolution is not None and args.resolution % 8:
+        raise ValueError(f"--resolution must be a multiple of 8 (the VAE's downscaling); got {args.resolution}.")
     if not 0.0 <= args.caption_dropout <= 1.0:
         raise ValueError(f"--caption_dropout is a probability in [0, 1]; got {args.caption_dropout}.")
+    if not 0.0 < args.ema_decay <= 1.0:
+        raise ValueError(f"--ema_decay must be in (0, 1]; got {args.ema_decay}.")
+    if args.max_grad_norm <= 0:
+        raise ValueError(f"--max_grad_norm must be positive; got {args.max_grad_norm}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ValueError(f"--{name} must be in [0, 1); got {getattr(args, name)}.")
+    if args.adam_epsilon <= 0:
+        raise ValueError(f"--adam_epsilon must be positive; got {args.adam_epsilon}.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag).")
+    if args.model is not None and _looks_local(args.model) and not Path(args.model).expanduser().exists():
+        raise FileNotFoundError(f"--model {args.model!r} does not exist; pass a Diffusers folder or a hub name.")
+    if args.gspn_weights is not None:
+        weights = Path(args.gspn_weights).expanduser()
+        if weights.is_file() or (weights.is_dir() and not (weights / CONFIG_NAME).is_file()):
+            raise ValueError(
+                f"--gspn_weights {args.gspn_weights!r} is not a folder written by save_gspn (no {CONFIG_NAME})."
+            )
+        if _looks_local(args.gspn_weights) and not weights.exists():
+            raise FileNotFoundError(f"--gspn_weights {args.gspn_weights!r} does not exist.")
+    for tracker in ("wandb", "comet_ml"):
+        if args.report_to == tracker and importlib.util.find_spec(tracker) is None:
+            raise ValueError(
+                f"--report_to {tracker} needs it installed: pip install {tracker} (or --report_to tensorboard)."
+            )
+    check_output_dir(Path(args.output_dir), args.resume_from_checkpoint, args.overwrite_output_dir)
+
+
+def _check_distributed(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    if accelerator.distributed_type == DistributedType.FSDP and args.use_ema:
+        raise ValueError(
+            "--use_ema keeps a full copy of the trained weights per process; it is not supported with "
+            "FSDP (use DDP or DeepSpeed ZeRO-2, whose parameters are not sharded)."
+        )
+
+
+class LossMeter:
+    """Loss terms summed on the device per micro-batch; one collective per logging step, not per micro-batch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(LOSS_TERMS), device=self.device)
+        self.count = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([losses[t].detach().float() for t in LOSS_TERMS])
+        self.count += 1
+
+    def gather(self, accelerator: Accelerator, skipped: int) -> tuple[dict[str, float], int]:
+        """The mean of every term over all processes' micro-batches since the last call, and the total skips."""
+        local = torch.cat([self.sums, self.sums.new_tensor([self.count, skipped])])
+        total = accelerator.reduce(local, "sum").tolist()
+        count = max(total[len(LOSS_TERMS)], 1.0)
+        means = {("loss" if t == "loss" else f"loss/{t}"): v / count for t, v in zip(LOSS_TERMS, total, strict=False)}
+        self.reset()
+        return means, int(total[-1])
+
+
+def _training_data(
+    args: argparse.Namespace,
+    pipe: DiffusionPipeline,
+    dataset: ImageCaptionDataset,
+    accelerator: Accelerator,
+    weight_dtype: torch.dtype,
+    report: UnreadableReport,
+) -> tuple[torch.utils.data.Dataset, Any]:
+    """The dataset the loop reads and its collate function: images, or their cached encodings."""
+    if not args.cache_latents:
+        return dataset, collate
+    base = Path(args.cache_dir) / "gspn_latents" if args.cache_dir else Path(args.output_dir) / "latent_cache"
+    directory = base / cache_key(args.model or f"tiny-{args.tiny}", dataset, weight_dtype)
+    build_latent_cache(
+        pipe, dataset, directory, accelerator, args.train_batch_size, args.dataloader_num_workers, report
+    )
+    return CachedLatents(directory, len(dataset)), collate_cached
+
+
+def _prediction_type(pipe: DiffusionPipeline, prediction_type: str | None) -> tuple[Any, Any, Any]:
+    """The training noise scheduler, the teacher's sampling scheduler and the teacher-output conversion.
+
+    With ``--prediction_type`` different from the model's, the student learns the new target, the
+    teacher's output is converted to it (:func:`convert_prediction`), and the pipeline's scheduler
+    is registered with the new type (validation, and what the student is used with), while the
+    teacher's validation images keep the original scheduler.
+    """
+    teacher_scheduler = pipe.scheduler
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    teacher_type = noise_scheduler.config.prediction_type
+    if prediction_type is None or prediction_type == teacher_type:
+        return noise_scheduler, teacher_scheduler, None
+    noise_scheduler.register_to_config(prediction_type=prediction_type)
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    logger.warning(
+        "--prediction_type %s: the student is trained on it while the teacher predicts %s (converted); use the "
+        "distilled weights with a scheduler whose prediction_type is %s.",
+        prediction_type,
+        teacher_type,
+        prediction_type,
+    )
+    to_student = functools.partial(
+        convert_prediction, noise_scheduler, from_type=teacher_type, to_type=prediction_type
+    )
+    return noise_scheduler, teacher_scheduler, to_student
 
 
 def main(args: argparse.Namespace) -> DistillResult:
@@ -471,12 +571,16 @@ def main(args: argparse.Namespace) -> DistillResult:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    _check_distributed(accelerator, args)
     if args.seed is not None:
-        set_seed(args.seed)
+        set_seed(args.seed)  # the same on every process: the converted student must be identical everywhere
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if args.overwrite_output_dir:
+            clear_output_dir(output_dir)
+    accelerator.wait_for_everyone()
 
     # Data first: a wrong dataset fails before any model is loaded.
     records = find_records(
@@ -496,12 +600,14 @@ def main(args: argparse.Namespace) -> DistillResult:
         raise ValueError(f"--resolution must be a multiple of {pipe.vae_scale_factor}; got {resolution}.")
     dataset = ImageCaptionDataset(records, resolution, args.center_crop, args.random_flip, args.seed or 0)
     logger.info("%d training images, resolution %d", len(dataset), resolution)
+    report = UnreadableReport()
+    train_dataset, collate_fn = _training_data(args, pipe, dataset, accelerator, weight_dtype, report)
+    unconditional = encode_text(pipe, [""], accelerator.device) if args.cache_latents else None
 
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    weights = LossWeights(teacher=args.teacher_loss_weight, feature=args.feature_loss_weight)
-    student_recorder, teacher_recorder = Attn1Recorder(student), Attn1Recorder(teacher)
+    noise_scheduler, teacher_scheduler, teacher_prediction = _prediction_type(pipe, args.prediction_type)
+    weights = LossWeights(args.teacher_loss_weight, args.feature_loss_weight, args.feature_loss_reduction)
+    student_recorder = FeatureRecorder(student, args.feature_loss)
+    teacher_recorder = FeatureRecorder(teacher, args.feature_loss)
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -513,32 +619,36 @@ def main(args: argparse.Namespace) -> DistillResult:
 
     _register_state_hooks(accelerator, student, trainable, ema)
 
-    train_dataloader = _dataloader(args, dataset)
-    validation = Validation(pipe, teacher, args, accelerator, resolution)
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    # The loader is sharded first: steps, epochs and the LR schedule follow from the per-process length.
+    train_dataloader = accelerator.prepare(_dataloader(args, train_dataset, collate_fn))
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
+        # A prepared scheduler steps once per process per optimizer step.
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
-    prepared_student, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        student, optimizer, train_dataloader, lr_scheduler
-    )
-    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loader was prepared on its own, above
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=args.train_batch_size, train_batch_size=total_batch
+        )
+    prepared_student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    validation = Validation(pipe, teacher, args, accelerator, resolution, teacher_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=_scalar_config(args))
 
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        "Distilling %d GSPN tensors (%.2fM parameters): %d steps, %d epochs, batch %d (per device %d x %d processes "
-        "x %d accumulation)",
+        "Distilling %d GSPN tensors (%.2fM parameters): %d steps, %d epochs of %d steps, batch %d (per device %d "
+        "x %d processes x %d accumulation)",
         len(trainable),
         sum(p.numel() for p in trainable) / 1e6,
         max_train_steps,
         num_train_epochs,
+        updates_per_epoch,
         total_batch,
         args.train_batch_size,
         accelerator.num_processes,
@@ -546,27 +656,36 @@ def main(args: argparse.Namespace) -> DistillResult:
     )
 
     global_step = _resume(accelerator, args, output_dir)
+    if args.seed is not None and global_step == 0:
+        # Different timesteps, noise and caption dropout on every process, the same from run to run (a resumed
+        # run gets each process's saved RNG state instead).
+        set_seed(args.seed + accelerator.process_index)
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
     progress = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    running, micro_batches = dict.fromkeys(LOSS_TERMS, 0.0), 0
+    meter = LossMeter(accelerator.device)
     logs: dict[str, float] = {}
-    skipped_total, images_seen, start = 0, 0, time.perf_counter()
-    images_per_second = 0.0
+    images_seen, start, images_per_second, skipped_total = 0, time.perf_counter(), 0.0, 0
     for epoch in range(first_epoch, num_train_epochs):
         prepared_student.train()
         train_dataloader.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+        train_dataset.set_epoch(epoch)
         loader = train_dataloader
         if epoch == first_epoch and skip_batches:
             loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for batch in loader:
             with accelerator.accumulate(prepared_student):
                 inputs = prepare_inputs(
-                    pipe, noise_scheduler, batch, resolution, weight_dtype, caption_dropout=args.caption_dropout
+                    pipe,
+                    noise_scheduler,
+                    batch,
+                    resolution,
+                    weight_dtype,
+                    caption_dropout=args.caption_dropout,
+                    unconditional=unconditional,
                 )
                 losses = distillation_losses(
                     prepared_student,
@@ -578,43 +697,39 @@ def main(args: argparse.Namespace) -> DistillResult:
                     inputs.target,
                     inputs.unet_kwargs,
                     weights,
+                    teacher_prediction,
                 )
-                for term in LOSS_TERMS:
-                    mean = accelerator.gather(losses[term].detach().reshape(1)).mean().item()
-                    running[term] += mean
-                micro_batches += 1
+                meter.add(losses)
                 accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            skipped_total += int(accelerator.reduce(batch["skipped"].reshape(1).to(accelerator.device), "sum").item())
-            images_seen += len(batch["captions"]) * accelerator.num_processes
+                optimizer_step(accelerator, prepared_student, optimizer, lr_scheduler, args.max_grad_norm)
+            report.update(batch["unreadable"])
+            images_seen += len(batch["original_sizes"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
                 ema.step(trainable)
             global_step += 1
             progress.update(1)
-            images_per_second = images_seen / (time.perf_counter() - start)
-            # Averaged over the micro-batches of this step (the last step of an epoch may have fewer).
-            logs = {
-                **{("loss" if t == "loss" else f"loss/{t}"): v / micro_batches for t, v in running.items()},
-                "lr": lr_scheduler.get_last_lr()[0],
-                "images_per_second": images_per_second,
-                "skipped_images": skipped_total,
-            }
-            accelerator.log(logs, step=global_step)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
-            running, micro_batches = dict.fromkeys(LOSS_TERMS, 0.0), 0
+            if global_step % args.logging_steps == 0 or global_step >= max_train_steps:
+                losses_mean, skipped_total = meter.gather(accelerator, report.skipped)
+                images_per_second = images_seen / (time.perf_counter() - start)
+                logs = {
+                    **losses_mean,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "images_per_second": images_per_second,
+                    "skipped_images": skipped_total,
+                }
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(
+                    loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}"
+                )
             io_start = time.perf_counter()
             if global_step % args.checkpointing_steps == 0:
-                _save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             validate = args.validation_prompts and args.validation_steps and global_step % args.validation_steps == 0
-            if accelerator.is_main_process and validate and global_step < max_train_steps:
+            if validate and global_step < max_train_steps:
                 with _EMAWeights(ema, trainable):
-                    validation(global_step)
+                    validation(global_step, prepared_student)
             start += time.perf_counter() - io_start  # throughput counts training time only
             if global_step >= max_train_steps:
                 break
@@ -627,11 +742,12 @@ def main(args: argparse.Namespace) -> DistillResult:
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(trainable)
-    if accelerator.is_main_process:
-        save_gspn(student, output_dir)
-        logger.info("Saved the distilled GSPN weights to %s (load with gspn_diffusers.load_gspn)", output_dir)
-        if args.validation_prompts:
-            validation(global_step)
+    with full_parameters(prepared_student):
+        if accelerator.is_main_process:
+            save_gspn(student, output_dir)
+            logger.info("Saved the distilled GSPN weights to %s (load with gspn_diffusers.load_gspn)", output_dir)
+    if args.validation_prompts:
+        validation(global_step, prepared_student)
     student_recorder.remove()
     teacher_recorder.remove()
     accelerator.end_training()
@@ -644,5 +760,17 @@ def main(args: argparse.Namespace) -> DistillResult:
     )
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m gspn_diffusers.distill.train`` / ``distill/train_gspn_distill.py``: a user error is one message."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except USER_ERRORS as error:
+        logging.basicConfig(format="%(levelname)s %(message)s")
+        logging.getLogger(__name__).error("%s", error)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(cli())
