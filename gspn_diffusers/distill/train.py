@@ -744,7 +744,13 @@ def main(args: argparse.Namespace) -> DistillResult:
         ema.copy_to(trainable)
     with full_parameters(prepared_student):
         if accelerator.is_main_process:
-            save_gspn(student, output_dir)
+            # The run-level guard (--resume_from_checkpoint / --overwrite_output_dir) already allowed this folder.
+            training = {
+                "method": "GSPN distillation (noise + teacher-output + feature losses)",
+                "dataset": args.train_data_dir or args.dataset_name,
+                "steps": global_step,
+            }
+            save_gspn(student, output_dir, overwrite=True, base_model=args.model, training=training)
             logger.info("Saved the distilled GSPN weights to %s (load with gspn_diffusers.load_gspn)", output_dir)
     if args.validation_prompts:
         validation(global_step, prepared_student)
