@@ -239,6 +239,7 @@ def test_block_feature_loss_reads_the_unet_blocks():
 
 FSDP_SCRIPT = """
 import sys, torch
+from pathlib import Path
 from types import SimpleNamespace
 from accelerate import Accelerator
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
@@ -274,7 +275,8 @@ with full_parameters(prepared):
     if accelerator.is_main_process:
         save_gspn(pipe.unet, f"{out}/gathered")
 accelerator.wait_for_everyone()
-print("done", accelerator.process_index, path)
+# One file per process: the two processes' prints interleave on the shared stdout.
+Path(out, f"done_{accelerator.process_index}").write_text(str(path))
 """
 
 
@@ -288,7 +290,7 @@ def test_validation_and_saving_under_fsdp_two_processes(tmp_path, fsdp_version):
     ]  # fmt: skip
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "done 0" in result.stdout and "done 1" in result.stdout
+    assert (tmp_path / "done_0").is_file() and (tmp_path / "done_1").is_file()
     assert (tmp_path / "validation" / "step-0000001.png").is_file()
     gathered = load_file(tmp_path / "gathered" / WEIGHTS_NAME)
     for rank in range(2):
