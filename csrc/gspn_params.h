@@ -116,13 +116,14 @@ GSPN_HOST_DEVICE inline int64_t backward_scratch_floats_per_block(const ScanInpu
   return (in.normalize ? 2 : 1) * backward_scratch_lines(segment, num_segments) * max_rows(in) * in.tile;
 }
 
-// One instantiation per storage dtype (gspn_fp32.cu, gspn_fp16.cu, gspn_bf16.cu).
-void forward_fp32(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
-void forward_fp16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
-void forward_bf16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
-void backward_fp32(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
-void backward_fp16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
-void backward_bf16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
+// One instantiation per storage dtype (gspn_fp32.cu, gspn_fp16.cu, gspn_bf16.cu). They return the error of the
+// launch setup (the shared-memory attribute); the launch itself is checked by the caller.
+cudaError_t forward_fp32(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
+cudaError_t forward_fp16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
+cudaError_t forward_bf16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
+cudaError_t backward_fp32(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
+cudaError_t backward_fp16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
+cudaError_t backward_bf16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
 
 // Baseline for the benchmark only: the strategy of the paper's public kernel (one launch per scan line, hidden
 // state in global memory), reimplemented here with fp32 accumulation so that only the strategy differs.

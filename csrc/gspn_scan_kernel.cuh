@@ -32,6 +32,9 @@
 #include <cuda_runtime.h>
 #include <math.h>
 
+#include <mutex>
+#include <set>
+
 #include "gspn_params.h"
 
 // The kernels' dynamic shared memory. csrc/emulation/ redefines it to run this same source on the CPU.
@@ -610,22 +613,50 @@ constexpr int kForwardUnroll = 4;
 
 #ifndef GSPN_HOST_EMULATION
 
+// A kernel's dynamic shared-memory limit, raised to the device's opt-in maximum once per (kernel, device) rather
+// than per launch, with the error returned: on a GPU whose arch the build lacks, this is where "no kernel image"
+// shows up. One instance per kernel (a static of the launcher).
+class SharedMemoryLimit {
+ public:
+  template <typename Kernel>
+  cudaError_t raise(Kernel kernel) {
+    int device = 0;
+    cudaError_t error = cudaGetDevice(&device);
+    if (error != cudaSuccess) return error;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (raised_.count(device) != 0) return cudaSuccess;
+    int optin = 0;
+    error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (error == cudaSuccess) error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+    if (error == cudaSuccess) raised_.insert(device);
+    return error;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::set<int> raised_;
+};
+
 template <typename T>
-void launch_forward(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
-  const size_t shared = forward_shared_bytes(in);
+cudaError_t launch_forward(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
+  static SharedMemoryLimit limit;
   auto kernel = forward_kernel<T, kForwardUnroll>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-  kernel<<<grid, in.threads, shared, stream>>>(in, out);
+  const cudaError_t error = limit.raise(kernel);
+  if (error != cudaSuccess) return error;
+  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
+  kernel<<<grid, in.threads, forward_shared_bytes(in), stream>>>(in, out);
+  return cudaSuccess;  // launch errors: the binding's C10_CUDA_KERNEL_LAUNCH_CHECK
 }
 
 template <typename T>
-void launch_backward(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
-  const size_t shared = backward_shared_bytes(in);
+cudaError_t launch_backward(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
+  static SharedMemoryLimit limit;
   auto kernel = backward_kernel<T>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-  kernel<<<grid, in.threads, shared, stream>>>(in, args);
+  const cudaError_t error = limit.raise(kernel);
+  if (error != cudaSuccess) return error;
+  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
+  kernel<<<grid, in.threads, backward_shared_bytes(in), stream>>>(in, args);
+  return cudaSuccess;
 }
 #endif  // GSPN_HOST_EMULATION
 

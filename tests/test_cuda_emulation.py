@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gspn_diffusers.ops import DIRECTIONS, gspn_scan_fused_reference, gspn_scan_reference
+from gspn_diffusers.ops import DIRECTIONS, cuda_build, gspn_scan_fused_reference, gspn_scan_reference
 from gspn_diffusers.ops.cuda import EMULATION_NAME
 
 BUILD = Path(__file__).resolve().parents[1] / "build" / "cuda_check" / "emulation"
@@ -146,6 +146,23 @@ def test_single_direction_matches_reference(emu, direction, chunk_size, tile):
     assert grad_initial is None  # no initial state
     for got, leaf in zip(grads, leaves, strict=True):
         assert rel_error(got, leaf.grad) <= GRAD_TOL[torch.float32]
+
+
+def test_compiled_archs_follow_nvcc():
+    """The default arch list is what nvcc targets from sm_70 to sm_90 (CUDA 13 has no sm_70), sorted, and the binding
+    learns it through GSPN_COMPILED_ARCHS; the emulation module has no GPU code."""
+    assert cuda_build.default_archs({"7.5", "8.0", "9.0", "10.0"}) == "7.5;8.0;9.0"
+    assert cuda_build.default_archs({"7.0", "7.5", "8.0", "8.6", "8.9", "9.0"}) == "7.0;7.5;8.0;8.6;8.9;9.0"
+    cxx, nvcc = cuda_build.compile_flags("9.0;7.5;8.0")
+    assert "-DGSPN_COMPILED_ARCHS=75,80,90" in cxx
+    assert nvcc[-1] == "-gencode=arch=compute_90,code=compute_90"  # PTX of the newest, not of the last listed
+    available = cuda_build.nvcc_archs()
+    if available is not None:
+        assert set(cuda_build.default_archs().split(";")) <= available
+
+
+def test_emulation_exports_compiled_archs(emu):
+    assert emu.compiled_archs() == []
 
 
 def test_strided_views_are_read_in_place(emu):

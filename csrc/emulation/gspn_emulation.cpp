@@ -127,6 +127,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Host emulation of the GSPN CUDA kernels (tests only; CPU tensors; slow).";
   define_ops<NoGuard>(m, kEmulated);
   m.def(
+      "compiled_archs", [] { return std::vector<int>{}; },
+      "No GPU machine code: the kernels are compiled for the host (same interface as the CUDA module).");
+  m.def(
       "set_shared_memory_per_block", [](int64_t bytes) { shared_per_block = static_cast<size_t>(bytes); },
       "Shared memory per block of the emulated device (default 227 KiB, an H100).", pybind11::arg("bytes"));
 }
