@@ -55,6 +55,11 @@ struct ScanInputs {
   // Work split: one block per (channel tile, batch); ``tile`` channels per block, ``threads`` per block.
   int tile;
   int threads;
+  // Forward kernel: pack == 0 runs v1; pack >= 1 runs v2 with packs of `pack` channels per thread. The vector_*
+  // flags say which arrays allow one aligned vector load per pack (channel stride 1, aligned strides and pointer;
+  // gates: also one gate channel per channel); the others are read element by element within the pack.
+  int pack;
+  bool vector_x, vector_lam, vector_gate, vector_u;
 };
 
 // Forward outputs. y and accum are contiguous (B, H, W, C). accum (fp32) carries the running sum of the
@@ -97,6 +102,39 @@ GSPN_HOST_DEVICE inline int64_t max_rows(const ScanInputs& in) { return in.heigh
 // Forward: the hidden line (and the normaliser line) of the current and previous step, in shared memory.
 inline size_t forward_shared_bytes(const ScanInputs& in) {
   return sizeof(float) * 2 * (in.normalize ? 2 : 1) * max_rows(in) * in.tile;
+}
+
+// Elements per thread per pass of the v1 forward (all their loads issued before any use).
+constexpr int kForwardUnroll = 4;
+
+// Forward kernel v2 (gspn_forward_v2.cuh).
+constexpr int kV2MaxThreads = 512;  // __launch_bounds__ of forward_kernel_v2
+
+// Packs per thread per line, all held in registers with the next line's loads in flight: one 16-byte pack uses
+// the 128 registers a thread has at 512 threads (ptxas -v, sm_90; two spill), single channels fit two.
+GSPN_HOST_DEVICE constexpr int forward_v2_units(int pack) { return pack == 1 ? 2 : 1; }
+
+// Channels per pack: a 16-byte vector (8 bf16/fp16, 4 fp32) when the tile and the channel count allow, else 1.
+GSPN_HOST_DEVICE inline int pack_width(int64_t tile, int64_t channels, int64_t element_size) {
+  const int64_t full = 16 / element_size;
+  return (tile % full == 0 && channels % full == 0) ? static_cast<int>(full) : 1;
+}
+
+// Whether v2 takes this split: every pack of the longest line has a thread. Longer lines run v1, which streams
+// them (their steps move enough bytes to cover the load latency without prefetching).
+GSPN_HOST_DEVICE inline bool forward_v2_fits(const ScanInputs& in, int pack) {
+  return max_rows(in) * (in.tile / pack) <= static_cast<int64_t>(forward_v2_units(pack)) * kV2MaxThreads;
+}
+
+GSPN_HOST_DEVICE inline int64_t forward_v2_threads(const ScanInputs& in, int pack) {
+  const int64_t packs = max_rows(in) * (in.tile / pack);
+  const int64_t threads = (packs + forward_v2_units(pack) - 1) / forward_v2_units(pack);
+  return threads < 32 ? 32 : (threads + 31) / 32 * 32;
+}
+
+// Hidden (and normaliser) lines as in v1, then merge and skip of the tile.
+inline size_t forward_v2_shared_bytes(const ScanInputs& in) {
+  return forward_shared_bytes(in) + sizeof(float) * 2 * in.tile;
 }
 
 // Backward: the three adjoint contributions a line sends to its neighbours of the previous line (double-buffered,

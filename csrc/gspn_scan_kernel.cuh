@@ -1,11 +1,15 @@
-// GSPN line scan: forward and backward kernels (bodies only; gspn_<dtype>.cu instantiate them).
+// GSPN line scan: forward and backward kernels (bodies only; gspn_<dtype>.cu instantiate them). The forward has
+// two kernels: v2 (gspn_forward_v2.cuh: 16-byte packs of channels, the next line's loads in flight during the
+// current step) where a thread can hold its share of a line, and v1 (forward_kernel below) that streams longer
+// lines; gspn_ops.h's work split picks one (model in choose_work_split).
 //
-// Thread mapping. One block per (channel tile, batch item) runs the directions of the call one after the other
-// (all four for the fused op). A step of a direction is one line across the scan axis: rows x tile channels,
-// element e = row * tile + lane, thread t owns e = t, t + threads, ... so a thread keeps one channel
-// (threads is a multiple of tile) and consecutive threads read consecutive channels of a pixel (coalesced in the
-// channels-last layout). The recurrence couples a row only to rows +-1 of the previous line of the same channel,
-// so a block needs the whole line of its channels and nothing of other blocks.
+// Thread mapping (v1 and the backward). One block per (channel tile, batch item) runs the directions of the call
+// one after the other (all four for the fused op). A step of a direction is one line across the scan axis: rows
+// x tile channels, element e = row * tile + lane, thread t owns e = t, t + threads, ... so a thread keeps one
+// channel (threads is a multiple of tile) and consecutive threads read consecutive channels of a pixel (whole
+// 32-byte sectors per pixel from 16 bf16 / 8 fp32 channels on). v2 maps a thread to a pack of V channels of one
+// pixel instead. The recurrence couples a row only to rows +-1 of the previous line of the same channel, so a
+// block needs the whole line of its channels and nothing of other blocks.
 //
 // Directions are strides and loop order: line s of direction d is image column s (or W-1-s) for the horizontal
 // scans and image row s (or H-1-s) for the vertical ones; nothing is transposed or flipped in memory.
@@ -16,15 +20,28 @@
 // ones read-modify-write it, the last one writes y in the storage dtype. Deterministic (fixed order, no
 // atomics), fp32 accumulation, one launch, and no separate merge or cast pass.
 //
-// Memory traffic of the forward per pixel and channel, bf16, shared u, G = C (what the processor runs): the
-// unavoidable minimum reads x, lam, the 12 gate logits, u and writes y: 32 bytes. This kernel reads x and lam
-// once per direction (16 B), each direction's 3 gates once (24 B), u once (2 B), and moves the fp32 running sum
-// (write 4 B, two read-modify-writes 16 B, read 4 B) and y (2 B): 68 bytes. So at full HBM speed it reaches
-// about 47% of peak by the issue's "minimum bytes" metric; the accumulator (24 B) and the x/lam re-reads (12 B)
-// are the price of keeping the hidden line on chip with a deterministic merge. Cheaper alternatives considered:
-// fp32 atomics of four direction blocks into one accumulator (more traffic: a miss per red, a cast pass, and
-// nondeterministic), a bf16 running sum (12 B less, but three extra roundings of y), one direction per block
-// with per-direction output planes (4x the memory of y, and a merge pass).
+// Memory traffic of the forward per pixel and channel, bf16, shared u, G = C (what the processor runs), both
+// kernels: the unavoidable minimum reads x, lam, the 12 gate logits, u and writes y: 32 bytes. These kernels
+// read x and lam once per direction (16 B), each direction's 3 gates once (24 B; none on the first line of a
+// chunk), u once (2 B), and move the fp32 running sum (write 4 B, two read-modify-writes 16 B, read 4 B) and y
+// (2 B): 68 bytes. Where the resident blocks' slices of x, lam and the running sum stay in L2 (50 MB on an H100:
+// latents up to about 64x64 at C = 640, batch 2) the re-reads hit L2 and DRAM sees about 36 bytes; at 1024x512
+// they do not. So at full HBM speed the forward reaches 47% (large latents) to ~90% (small ones) of peak by the
+// "minimum bytes" metric; the accumulator (24 B) and the x/lam re-reads (12 B) are the price of keeping the
+// hidden line on chip with a deterministic merge. Cheaper alternatives considered: fp32 atomics of four
+// direction blocks into one accumulator (more traffic: a miss per red, a cast pass, and nondeterministic), a
+// bf16 running sum (12 B less, but three extra roundings of y), one direction per block with per-direction
+// output planes (4x the memory of y, and a merge pass).
+//
+// Expected speed (a model, not measured: no GPU was available when v2 was written). Small latents are latency
+// bound: every block walks 4 x L steps, one after the other; v1 waits a DRAM round trip (~0.8 us) after every
+// step's barrier, and one more per pass of kForwardUnroll elements per thread; v2 issues every load of line s+1
+// while it computes line s, so a step costs at most one round trip. Lines longer than 512 packs (v2 holds one
+// 16-byte pack per thread at 128 registers; two spill) run v1. At 1024x512/C=640/B=2 bf16, normalised, the model
+// picks v1 with 8-channel tiles: 160 blocks of 128 KB of h/z lines, one per SM, so two waves; the first moves
+// ~18 MB per step (bandwidth bound, ~5.5 us at peak), the second is latency bound (4 passes per step): about
+// 35 ms, short of issue 10's 20 ms. What would close it: single-buffered lines or a line split over a thread
+// block cluster (one wave), and cp.async/TMA staging so long lines prefetch without registers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,6 +51,7 @@
 
 #include <mutex>
 #include <set>
+#include <utility>
 
 #include "gspn_params.h"
 
@@ -312,6 +330,12 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
     }
   }
 }
+
+}  // namespace gspn
+
+#include "gspn_forward_v2.cuh"
+
+namespace gspn {
 
 // ------------------------------------------------------------------------------------------------------------
 // Backward
@@ -609,50 +633,54 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
 // Launchers (the host emulation of csrc/emulation/ launches the same kernels its own way)
 // ------------------------------------------------------------------------------------------------------------
 
-constexpr int kForwardUnroll = 4;
+// The forward kernel of the work split (v2 with packs of in.pack channels, or v1), handed with its shared memory
+// to `launch` (the CUDA launcher below, or the host emulation's).
+template <typename T, typename Launch>
+cudaError_t dispatch_forward(const ScanInputs& in, Launch&& launch) {
+  constexpr int kPack = 16 / sizeof(T);
+  const size_t v2_shared = forward_v2_shared_bytes(in);
+  if (in.pack == kPack) return launch(forward_kernel_v2<T, kPack, forward_v2_units(kPack)>, v2_shared);
+  if (in.pack == 1) return launch(forward_kernel_v2<T, 1, forward_v2_units(1)>, v2_shared);
+  return launch(forward_kernel<T, kForwardUnroll>, forward_shared_bytes(in));
+}
 
 #ifndef GSPN_HOST_EMULATION
 
 // A kernel's dynamic shared-memory limit, raised to the device's opt-in maximum once per (kernel, device) rather
 // than per launch, with the error returned: on a GPU whose arch the build lacks, this is where "no kernel image"
-// shows up. One instance per kernel (a static of the launcher).
-class SharedMemoryLimit {
- public:
-  template <typename Kernel>
-  cudaError_t raise(Kernel kernel) {
-    int device = 0;
-    cudaError_t error = cudaGetDevice(&device);
-    if (error != cudaSuccess) return error;
-    const std::lock_guard<std::mutex> lock(mutex_);
-    if (raised_.count(device) != 0) return cudaSuccess;
-    int optin = 0;
-    error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (error == cudaSuccess) error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
-    if (error == cudaSuccess) raised_.insert(device);
-    return error;
-  }
+// shows up.
+template <typename Kernel>
+cudaError_t raise_shared_memory_limit(Kernel kernel) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> raised;
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  if (raised.count(key) != 0) return cudaSuccess;
+  int optin = 0;
+  error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error == cudaSuccess) error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  if (error == cudaSuccess) raised.insert(key);
+  return error;
+}
 
- private:
-  std::mutex mutex_;
-  std::set<int> raised_;
-};
-
+// Launch errors are checked by the binding (C10_CUDA_KERNEL_LAUNCH_CHECK).
 template <typename T>
 cudaError_t launch_forward(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
-  static SharedMemoryLimit limit;
-  auto kernel = forward_kernel<T, kForwardUnroll>;
-  const cudaError_t error = limit.raise(kernel);
-  if (error != cudaSuccess) return error;
   const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
-  kernel<<<grid, in.threads, forward_shared_bytes(in), stream>>>(in, out);
-  return cudaSuccess;  // launch errors: the binding's C10_CUDA_KERNEL_LAUNCH_CHECK
+  return dispatch_forward<T>(in, [&](auto kernel, size_t shared) {
+    const cudaError_t error = raise_shared_memory_limit(kernel);
+    if (error == cudaSuccess) kernel<<<grid, in.threads, shared, stream>>>(in, out);
+    return error;
+  });
 }
 
 template <typename T>
 cudaError_t launch_backward(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
-  static SharedMemoryLimit limit;
   auto kernel = backward_kernel<T>;
-  const cudaError_t error = limit.raise(kernel);
+  const cudaError_t error = raise_shared_memory_limit(kernel);
   if (error != cudaSuccess) return error;
   const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
   kernel<<<grid, in.threads, backward_shared_bytes(in), stream>>>(in, args);

@@ -111,8 +111,47 @@ def test_fused_variants(emu, variant):
 
 
 def test_more_elements_than_threads(emu):
-    """150 rows x 16 channels = 2400 elements per line for 512 threads: several unrolled passes per thread."""
+    """150 rows x 16 channels = 2400 elements per line for 512 threads: several unrolled passes per thread (v1, the
+    line is too long for v2's one pack per thread)."""
     check_fused(emu, fused_case(1, 150, 2, 16, 16), 7, True, tile=16)
+    assert emu.last_forward_split()["kernel"] == "v1"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("gates", ["per channel", "pairs"])
+def test_every_tile_width(emu, dtype, tile, gates):
+    """Every tile GSPN_DIFFUSERS_CUDA_TILE allows, forward and backward: 16-byte packs where the tile holds one
+    (v2, vector loads), single channels below (v2), gates per channel (vector) or shared by two channels."""
+    case = fused_case(1, 5, 7, 16, 16 if gates == "per channel" else 8, u_per_direction=False)
+    check_fused(emu, case, None, True, dtype=dtype, tile=tile)
+    split = emu.last_forward_split()
+    full = 16 // torch.tensor([], dtype=dtype).element_size()
+    assert split["kernel"] == "v2" and split["tile"] == tile
+    assert split["pack"] == (full if tile % full == 0 else 1)
+    assert split["vector_x"] and split["vector_u"] and split["vector_gate"] == (gates == "per channel")
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,kernel,pack",
+    [
+        ((2, 6, 5, 16), torch.bfloat16, "v2", 8),  # 16-byte packs of 8 channels
+        ((1, 4, 9, 24), torch.float32, "v2", 4),  # 16-byte packs of 4 channels; a partial last tile
+        ((1, 7, 3, 12), torch.bfloat16, "v2", 1),  # 12 channels: no 8-channel pack divides them
+        ((1, 1100, 1, 8), torch.bfloat16, "v1", 0),  # a 1100-row line: no v2 split holds it, v1 streams it
+    ],
+    ids=["bf16 packs", "fp32 packs", "single channels", "long line"],
+)
+def test_forward_kernel_choice(emu, shape, dtype, kernel, pack):
+    """The heuristic work split (no tile override) picks the kernel and pack expected; its forward matches the
+    reference (the gradients of both kernels' splits are covered above)."""
+    b, h, w, c = shape
+    case = {k: v.to(dtype) for k, v in fused_case(b, h, w, c, c).items()}
+    y = emu.fused_forward(*case.values(), 3, False, 1e-6, 0)
+    split = emu.last_forward_split()
+    expected = gspn_scan_fused_reference(*(v.double() for v in case.values()), chunk_size=3)
+    assert rel_error(y, expected) <= FWD_TOL[dtype]
+    assert (split["kernel"], split["pack"]) == (kernel, pack)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -165,22 +204,27 @@ def test_emulation_exports_compiled_archs(emu):
     assert emu.compiled_archs() == []
 
 
-def test_strided_views_are_read_in_place(emu):
-    """Channel slices, swapped H/W memory order and an expanded u give the same result as contiguous copies."""
-    case = fused_case(1, 5, 6, 8, 8, u_per_direction=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_views_are_read_in_place(emu, dtype):
+    """Channel slices (strided, or misaligned for a 16-byte load), swapped H/W memory order and an expanded u give
+    the same result as contiguous copies: the arrays a pack cannot load as one vector are read channel by channel."""
+    case = {k: v.to(dtype) for k, v in fused_case(1, 5, 6, 8, 8, u_per_direction=False).items()}
     gen = torch.Generator().manual_seed(4)
-    wide_x = rand(gen, 1, 5, 6, 16)
+    wide_x = rand(gen, 1, 5, 6, 16).to(dtype)
     wide_x[..., ::2] = case["x"]
     swapped_lam = case["lam"].transpose(1, 2).contiguous().transpose(1, 2)
-    wide_u = rand(gen, 1, 5, 6, 16)
+    wide_u = rand(gen, 1, 5, 6, 16).to(dtype)
     wide_u[..., 8:] = case["u"]
     u4 = wide_u[..., 8:].unsqueeze(3).expand(1, 5, 6, 4, 8)  # channel slice, stride 0 over the directions
-    strided = emu.fused_forward(
-        wide_x[..., ::2], swapped_lam, case["gates"], u4, case["merge"], case["skip"], 0, True, 1e-6, 0
-    )
-    dense = emu.fused_forward(
-        case["x"], case["lam"], case["gates"], case["u"], case["merge"], case["skip"], 0, True, 1e-6, 0
-    )
+    wide_gates = rand(gen, 1, 5, 6, 4, 3, 9).to(dtype)
+    wide_gates[..., 1:] = case["gates"]  # starts one element past a 16-byte boundary
+    args = (case["merge"], case["skip"], 0, True, 1e-6, 0)
+    strided = emu.fused_forward(wide_x[..., ::2], swapped_lam, wide_gates[..., 1:], u4, *args)
+    split = emu.last_forward_split()
+    assert split["kernel"] == "v2" and split["pack"] > 1 and not split["vector_x"] and not split["vector_gate"]
+    assert split["vector_lam"] and split["vector_u"]
+    dense = emu.fused_forward(case["x"], case["lam"], case["gates"], case["u"], *args)
+    assert emu.last_forward_split()["vector_x"] and emu.last_forward_split()["vector_gate"]
     torch.testing.assert_close(strided, dense, rtol=0, atol=0)
 
 
@@ -328,8 +372,8 @@ def reference_with_state(inputs, grad_h, direction, chunk_size, initial, grad_fi
     return h.detach(), final.detach(), [x.grad, lam.grad, gates.grad], state.grad
 
 
-def state_case(direction, dtype, seed=0):
-    b, h, w, c, g = 2, 5, 7, 6, 3
+def state_case(direction, dtype, seed=0, shape=(2, 5, 7, 6, 3)):
+    b, h, w, c, g = shape
     gen = torch.Generator().manual_seed(seed)
     inputs = [
         rand(gen, b, h, w, c),
@@ -396,6 +440,21 @@ def test_carried_state_every_tile(emu, tile):
     )
     ref_h, ref_final, ref_grads, ref_initial = reference_with_state(
         inputs, grad_h, "bottom_to_top", None, initial, grad_final
+    )
+    assert rel_error(h, ref_h) <= FWD_TOL[torch.float32] and rel_error(final, ref_final) <= FWD_TOL[torch.float32]
+    for got, ref in zip([*grads, grad_initial], [*ref_grads, ref_initial], strict=True):
+        assert rel_error(got, ref) <= GRAD_TOL[torch.float32]
+
+
+def test_carried_state_on_the_v1_forward(emu):
+    """A 70-row line with a 16-channel tile is too long for v2: the v1 forward carries the state as well."""
+    inputs, grad_h, initial, grad_final = state_case("left_to_right", torch.float32, seed=3, shape=(1, 70, 4, 2, 1))
+    h, final, grads, grad_initial = chained_scan(
+        emu, inputs, grad_h, "left_to_right", [1], 0, initial, grad_final, tile=16
+    )
+    assert emu.last_forward_split()["kernel"] == "v1"
+    ref_h, ref_final, ref_grads, ref_initial = reference_with_state(
+        inputs, grad_h, "left_to_right", None, initial, grad_final
     )
     assert rel_error(h, ref_h) <= FWD_TOL[torch.float32] and rel_error(final, ref_final) <= FWD_TOL[torch.float32]
     for got, ref in zip([*grads, grad_initial], [*ref_grads, ref_initial], strict=True):
