@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scan_blocks import chained_scan, reference_with_state, scan_axis, state_case
 
 from gspn_diffusers.ops import DIRECTIONS, cuda_build, gspn_scan_fused_reference, gspn_scan_reference
 from gspn_diffusers.ops.cuda import EMULATION_NAME
@@ -315,75 +316,6 @@ def test_backward_falls_back_where_the_line_is_too_long(emu, monkeypatch, small_
 
 
 # ---- Carried state of the single-direction op ---------------------------------------------------------------
-
-
-def scan_axis(direction: str) -> int:
-    return 1 if direction in ("top_to_bottom", "bottom_to_top") else 2
-
-
-def blocks_in_scan_order(t: torch.Tensor, direction: str, cuts: list[int]) -> list[torch.Tensor]:
-    """Views of t between the image-coordinate cuts along the scan axis, in the order the scan visits them."""
-    axis = scan_axis(direction)
-    bounds = [0, *cuts, t.shape[axis]]
-    blocks = [t.narrow(axis, lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    return blocks[::-1] if direction in ("right_to_left", "bottom_to_top") else blocks
-
-
-def from_scan_order(blocks: list[torch.Tensor], direction: str) -> torch.Tensor:
-    ordered = blocks[::-1] if direction in ("right_to_left", "bottom_to_top") else blocks
-    return torch.cat(ordered, dim=scan_axis(direction))
-
-
-def chained_scan(emu, inputs, grad_h, direction, cuts, chunk, initial, grad_final, tile=0):
-    """The scan block by block with the carried state, forward then backward (last block first)."""
-    d = DIRECTIONS.index(direction)
-    per_block = list(zip(*(blocks_in_scan_order(t, direction, cuts) for t in (*inputs, grad_h)), strict=True))
-    outputs, initials, state = [], [], initial
-    for x, lam, gates, _ in per_block:
-        initials.append(state)
-        h, state = emu.scan_forward(x, lam, gates, d, chunk, state, True, tile=tile)
-        outputs.append(h)
-    final_state, grads, carry = state, [], grad_final
-    for (x, lam, gates, gh), init in zip(per_block[::-1], initials[::-1], strict=True):
-        *g, carry = emu.scan_backward(gh, x, lam, gates, d, chunk, init, carry, tile=tile)
-        grads.insert(0, g)
-    grads = [from_scan_order(list(g), direction) for g in zip(*grads, strict=True)]
-    return from_scan_order(outputs, direction), final_state, grads, carry
-
-
-def reference_with_state(inputs, grad_h, direction, chunk_size, initial, grad_final):
-    """The reference with the initial state as an extra first line in scan order (lam = 1, x = state, no
-    predecessor), so its gradient is the gradient of x on that line; the final state is the last line of h."""
-    x, lam, gates = (t.double().requires_grad_() for t in inputs)
-    state = initial.double().requires_grad_()
-    axis = scan_axis(direction)
-    line = state.unsqueeze(axis)
-    ones = torch.ones_like(line)
-    zeros = torch.zeros(*line.shape[:3], 3, gates.shape[-1], dtype=gates.dtype)
-    first = direction in ("left_to_right", "top_to_bottom")
-
-    def pair(extra, t):
-        return torch.cat([extra, t] if first else [t, extra], dim=axis)
-
-    h = gspn_scan_reference(pair(line, x), pair(ones, lam), pair(zeros, gates), direction, chunk_size)
-    h = h.narrow(axis, 1 if first else 0, x.shape[axis])
-    final = h.select(axis, x.shape[axis] - 1 if first else 0)
-    (h * grad_h.double()).sum().add((final * grad_final.double()).sum()).backward()
-    return h.detach(), final.detach(), [x.grad, lam.grad, gates.grad], state.grad
-
-
-def state_case(direction, dtype, seed=0, shape=(2, 5, 7, 6, 3)):
-    b, h, w, c, g = shape
-    gen = torch.Generator().manual_seed(seed)
-    inputs = [
-        rand(gen, b, h, w, c),
-        rand(gen, b, h, w, c, low=0.1, high=1.0),
-        rand(gen, b, h, w, 3, g, low=-3, high=3),
-    ]
-    n_perp = w if scan_axis(direction) == 1 else h
-    initial = rand(gen, b, c, n_perp).transpose(1, 2)  # (B, n_perp, C), not contiguous
-    grad_h, grad_final = torch.randn(b, h, w, c, generator=gen), torch.randn(b, n_perp, c, generator=gen)
-    return [t.to(dtype) for t in inputs], grad_h.to(dtype), initial.to(dtype), grad_final.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
