@@ -9,7 +9,6 @@ binding's handling of strides and dtypes. Speed and true GPU behaviour are for t
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from pathlib import Path
 
 import pytest
@@ -250,69 +249,6 @@ def test_bad_inputs_raise_clear_errors(emu):
         emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 0, 0, torch.zeros(1, 3, 4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="grad_final_state must be"):
         emu.scan_backward(args[0], args[0], args[1], args[2][:, :, :, 0], 0, 0, None, torch.zeros(1, 4, 4))
-
-
-def test_autograd_functions_on_the_emulated_kernels(emu, monkeypatch):
-    """The autograd layer of ops/cuda.py (saved tensors, gradient order, None for absent skip) on the emulation."""
-    from gspn_diffusers.ops import cuda
-
-    monkeypatch.setattr(cuda, "_extension", emu)
-    case = fused_case(2, 4, 5, 6, 3, skip=False)
-    leaves = {k: v.clone().requires_grad_() for k, v in case.items() if v is not None}
-    ref_leaves = {k: v.double().requires_grad_() for k, v in case.items() if v is not None}
-    out = cuda.kernel_scan_fused(*leaves.values(), None, 2, True)
-    expected = gspn_scan_fused_reference(*ref_leaves.values(), None, 2, True)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
-    out.backward(grad)
-    expected.backward(grad.double())
-    assert rel_error(out.detach(), expected.detach()) <= FWD_TOL[torch.float32]
-    for name, leaf in leaves.items():
-        assert rel_error(leaf.grad, ref_leaves[name].grad) <= GRAD_TOL[torch.float32], name
-
-
-def test_autograd_single_scan_with_carried_state(emu, monkeypatch):
-    """ops/cuda.py's single-direction Function on the emulation, initial_state and final_state included."""
-    from gspn_diffusers.ops import cuda
-
-    if "initial_state" not in inspect.signature(cuda.kernel_scan).parameters:
-        pytest.skip("gspn_diffusers/ops/cuda.py does not pass the carried state to the binding yet")
-    monkeypatch.setattr(cuda, "_extension", emu)
-    inputs, grad_h, initial, grad_final = state_case("right_to_left", torch.float32, seed=5)
-    leaves = [t.clone().requires_grad_() for t in (*inputs, initial)]
-    h, final = cuda.kernel_scan(*leaves[:3], "right_to_left", None, initial_state=leaves[3], return_final_state=True)
-    ((h * grad_h).sum() + (final * grad_final).sum()).backward()
-    ref_h, ref_final, ref_grads, ref_initial = reference_with_state(
-        inputs, grad_h, "right_to_left", None, initial, grad_final
-    )
-    assert rel_error(h.detach(), ref_h) <= FWD_TOL[torch.float32]
-    assert rel_error(final.detach(), ref_final) <= FWD_TOL[torch.float32]
-    for leaf, ref in zip(leaves, [*ref_grads, ref_initial], strict=True):
-        assert rel_error(leaf.grad, ref) <= GRAD_TOL[torch.float32]
-
-
-@pytest.fixture
-def small_shared_memory(emu):
-    """2000 bytes per block: a 40-position line fits the forward (640 B) but not the backward (2176 B)."""
-    emu.set_shared_memory_per_block(2000)
-    yield
-    emu.set_shared_memory_per_block(227 * 1024)
-
-
-def test_backward_falls_back_where_the_line_is_too_long(emu, monkeypatch, small_shared_memory):
-    """A line that fits the forward's shared memory but not the backward's: the gradients come from the reference."""
-    from gspn_diffusers.ops import cuda
-
-    monkeypatch.setattr(cuda, "_extension", emu)
-    monkeypatch.setattr(cuda, "_warned", set())
-    case = fused_case(1, 40, 1, 1, 1, u_per_direction=False)
-    leaves = [v.clone().requires_grad_() for v in case.values()]
-    out = cuda.kernel_scan_fused(*leaves, None, True)
-    with pytest.warns(UserWarning, match="does not fit in shared memory"):
-        out.sum().backward()
-    refs = [v.double().requires_grad_() for v in case.values()]
-    gspn_scan_fused_reference(*refs, None, True).sum().backward()
-    for leaf, ref in zip(leaves, refs, strict=True):
-        assert rel_error(leaf.grad, ref.grad) <= GRAD_TOL[torch.float32]
 
 
 # ---- Carried state of the single-direction op ---------------------------------------------------------------
