@@ -110,10 +110,16 @@ __global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInp
   // A u shared by the directions (stride 0 over them) is factored out: y = u * sum_d merge_d * q_d + skip * x.
   const bool factor_u = up != nullptr && in.u_stride[3] == 0;
 
-  for (int d = in.dir_begin; d < in.dir_end; ++d) {
+  // Split directions: this block walks direction blockIdx.z alone and writes its term to that direction's plane.
+  const int d_begin = in.split_directions ? static_cast<int>(blockIdx.z) : in.dir_begin;
+  const int d_end = in.split_directions ? d_begin + 1 : in.dir_end;
+  const int64_t plane = in.batch * in.height * in.width * in.channels;
+  float* const accum = out.accum + (in.split_directions ? d_begin * plane : 0);
+
+  for (int d = d_begin; d < d_end; ++d) {
     const Direction g = direction_geometry(in, d);
-    const bool first = d == in.dir_begin;
-    const bool last = d == in.dir_end - 1;
+    const bool first = d == d_begin;
+    const bool last = d == d_end - 1 && !in.split_directions;  // writes y
     const bool read_u = up != nullptr && (!factor_u || last);
     const int64_t slot = in.gate_slot_is_direction ? d : 0;
 
@@ -207,7 +213,7 @@ __global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInp
           for (int j = 0; j < V; ++j) result.v[j] = store_value<T>(cur[i].acc.v[j]);
           *reinterpret_cast<Pack<T, V>*>(static_cast<T*>(out.y) + idx) = result;
         } else {
-          *reinterpret_cast<Pack<float, V>*>(out.accum + idx) = cur[i].acc;
+          *reinterpret_cast<Pack<float, V>*>(accum + idx) = cur[i].acc;
         }
         // This pack's registers are free: the next line's loads go out now, before the barrier.
         if (s + 1 < g.length) load_pack_inputs<T, V>(in, out, g, rd, b, s + 1, p[i], cur[i]);
@@ -216,6 +222,37 @@ __global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInp
       // threads in the next direction (a block barrier orders global memory within the block too).
       __syncthreads();
     }
+  }
+}
+
+constexpr int kMergeThreads = 256;
+
+// Split directions: y = u * (plane_0 + plane_1 + plane_2 + plane_3) + skip * x with u shared (factored out of the
+// terms), else y = the sum + skip * x; summed in direction order, as the fused kernel does.
+template <typename T>
+__global__ void __launch_bounds__(kMergeThreads) merge_directions_kernel(const ScanInputs in,
+                                                                        const ScanForwardOutputs out) {
+  const int64_t plane = in.batch * in.height * in.width * in.channels;
+  const T* up = static_cast<const T*>(in.u);
+  const bool factor_u = up != nullptr && in.u_stride[3] == 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < plane; i += stride) {
+    const int64_t c = i % in.channels;
+    const int64_t pixel = i / in.channels;
+    const int64_t x = pixel % in.width;
+    const int64_t y = (pixel / in.width) % in.height;
+    const int64_t b = pixel / (in.width * in.height);
+    float acc = out.accum[i];
+#pragma unroll
+    for (int d = 1; d < kNumDirections; ++d) acc += out.accum[d * plane + i];
+    if (factor_u) {
+      acc *= load_float(up + b * in.u_stride[0] + y * in.u_stride[1] + x * in.u_stride[2] + c * in.u_stride[4]);
+    }
+    if (in.skip != nullptr) {
+      const float xv = load_float(static_cast<const T*>(in.x) + offset4(in.x_stride, b, y, x, c));
+      acc += load_param<T>(in, in.skip, c * in.skip_stride) * xv;
+    }
+    static_cast<T*>(out.y)[i] = store_value<T>(acc);
   }
 }
 

@@ -83,13 +83,31 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // barrier, kForwardUnroll (backward: 1) elements per thread at a time, so a step waits one round trip per pass.
 // Bytes count whole 32-byte sectors per pixel (a 2-channel bf16 tile pays 32 bytes for 4). Times the number of
 // waves; ties go to the wider tile. `requested` > 0 forces the tile (tuning, GSPN_DIFFUSERS_CUDA_TILE).
+// Tests (the emulation's set_direction_split): -1 lets the model decide whether the fused forward splits the
+// directions over blocks, 0 never splits, 1 splits wherever v2 runs.
+int direction_split_override = -1;
+
 void choose_work_split(const Device& device, gspn::ScanInputs& in, bool backward, int64_t requested,
                        int64_t element_size) {
   const DeviceLimits limits = device.limits();
   const int64_t widest = requested > 0 ? requested : 16;
   TORCH_CHECK(widest >= 1 && widest <= 16 && (widest & (widest - 1)) == 0,
               "GSPN CUDA kernel: tile must be a power of two in [1, 16], got ", widest, ".");
+  // Steps a block walks: every direction of the call in turn, or (split) the longest one; the merge pass of a
+  // split reads the 4 fp32 planes, x and u and writes y.
+  int64_t all_steps = 0, longest = 0;
+  for (int d = in.dir_begin; d < in.dir_end; ++d) {
+    const int64_t length = d >= 2 ? in.height : in.width;  // vertical scans walk H lines, horizontal ones W
+    all_steps += length;
+    longest = std::max(longest, length);
+  }
+  const double bytes_per_round_trip = static_cast<double>(limits.sms) * kBytesInFlightPerSm;
+  const double merge_cost =
+      1.0 + static_cast<double>(in.batch * in.height * in.width * in.channels * (16 + 3 * element_size)) /
+                bytes_per_round_trip;
+  const bool fused = in.dir_end - in.dir_begin == gspn::kNumDirections;
   int best_tile = 0, best_threads = 0, best_pack = 0;
+  bool best_split = false;
   double best_cost = 0;
   for (int64_t tile = widest; tile >= (requested > 0 ? widest : 1); tile /= 2) {
     in.tile = static_cast<int>(tile);
@@ -108,21 +126,26 @@ void choose_work_split(const Device& device, gspn::ScanInputs& in, bool backward
     const int64_t by_threads = limits.threads_per_sm / threads;
     const int64_t by_registers = kRegistersPerSm / (threads * registers);
     const int64_t per_wave = std::max<int64_t>(1, std::min({by_smem, by_threads, by_registers})) * limits.sms;
-    const int64_t blocks = in.batch * ((in.channels + tile - 1) / tile);
-    const int64_t waves = (blocks + per_wave - 1) / per_wave;
     const int64_t sector_bytes = round_up(tile * element_size, 32);  // per pixel and array
-    const double step_bytes =
-        static_cast<double>(std::min(blocks, per_wave) * gspn::max_rows(in) * kArraysPerStep * sector_bytes);
     const int64_t per_pass = threads * (backward ? 1 : gspn::kForwardUnroll);
     const int64_t passes = v2 ? 1 : (gspn::max_rows(in) * tile + per_pass - 1) / per_pass;
-    const double step = std::max(static_cast<double>(passes),
-                                 step_bytes / (static_cast<double>(limits.sms) * kBytesInFlightPerSm));
-    const double cost = static_cast<double>(waves) * step;
-    if (best_tile == 0 || cost < best_cost) {
-      best_tile = in.tile;
-      best_threads = in.threads;
-      best_pack = v2 ? pack : 0;
-      best_cost = cost;
+    for (const bool split : {false, true}) {
+      if (split && !(fused && v2 && direction_split_override != 0)) continue;
+      if (!split && fused && v2 && direction_split_override == 1) continue;
+      const int64_t blocks = in.batch * ((in.channels + tile - 1) / tile) * (split ? gspn::kNumDirections : 1);
+      const int64_t waves = (blocks + per_wave - 1) / per_wave;
+      const double step_bytes =
+          static_cast<double>(std::min(blocks, per_wave) * gspn::max_rows(in) * kArraysPerStep * sector_bytes);
+      const double step = std::max(static_cast<double>(passes), step_bytes / bytes_per_round_trip);
+      const double walked = static_cast<double>(split ? longest : all_steps);
+      const double cost = static_cast<double>(waves) * step * walked + (split ? merge_cost : 0.0);
+      if (best_tile == 0 || cost < best_cost) {
+        best_tile = in.tile;
+        best_threads = in.threads;
+        best_pack = v2 ? pack : 0;
+        best_split = split;
+        best_cost = cost;
+      }
     }
   }
   TORCH_CHECK(best_tile > 0, "GSPN CUDA kernel: a scan line of ", gspn::max_rows(in),
@@ -131,6 +154,7 @@ void choose_work_split(const Device& device, gspn::ScanInputs& in, bool backward
   in.tile = best_tile;
   in.threads = best_threads;
   in.pack = best_pack;
+  in.split_directions = best_split;
 }
 
 // Whether an array allows one aligned vector load per pack: channel stride 1 (or a pack of 1), the other strides
@@ -274,7 +298,11 @@ Tensor run_forward(const Device& device, const Tensor& x, gspn::ScanInputs in, i
   gspn::ScanForwardOutputs out{};
   out.y = y.data_ptr();
   if (final_state.defined()) out.final_state = final_state.data_ptr();
-  if (in.dir_end - in.dir_begin > 1) {
+  if (in.split_directions) {  // one fp32 plane per direction
+    accum = at::empty({gspn::kNumDirections, in.batch, in.height, in.width, in.channels},
+                      x.options().dtype(at::kFloat));
+    out.accum = accum.data_ptr<float>();
+  } else if (in.dir_end - in.dir_begin > 1) {
     accum = x.scalar_type() == at::kFloat ? y : at::empty(x.sizes(), x.options().dtype(at::kFloat));
     out.accum = accum.data_ptr<float>();
   }

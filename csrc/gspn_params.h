@@ -60,10 +60,16 @@ struct ScanInputs {
   // gates: also one gate channel per channel); the others are read element by element within the pack.
   int pack;
   bool vector_x, vector_lam, vector_gate, vector_u;
+  // Fused forward where the scan is latency bound (v2 only): one block per (channel tile, batch, direction),
+  // gridDim.z = 4, so each block walks one direction instead of four; each writes its term merge_d * u_d * q_d
+  // (u_d = 1 when u is shared: factored out) in fp32 to plane d of ScanForwardOutputs::accum, and a merge kernel
+  // sums the planes in direction order (the fused kernel's order: bitwise the same y) and applies u and skip.
+  bool split_directions;
 };
 
 // Forward outputs. y and accum are contiguous (B, H, W, C). accum (fp32) carries the running sum of the
-// direction terms between the directions a block processes in turn; it may alias y when y is fp32.
+// direction terms between the directions a block processes in turn; it may alias y when y is fp32. With
+// split_directions it is (4, B, H, W, C), one plane per direction, and never aliases y.
 struct ScanForwardOutputs {
   void* y;
   float* accum;

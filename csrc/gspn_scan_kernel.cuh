@@ -1,7 +1,9 @@
 // GSPN line scan: forward and backward kernels (bodies only; gspn_<dtype>.cu instantiate them). The forward has
 // two kernels: v2 (gspn_forward_v2.cuh: 16-byte packs of channels, the next line's loads in flight during the
 // current step) where a thread can hold its share of a line, and v1 (forward_kernel below) that streams longer
-// lines; gspn_ops.h's work split picks one (model in choose_work_split).
+// lines; gspn_ops.h's work split picks one (model in choose_work_split). Where the fused forward is latency bound
+// (small latents), v2 runs one block per direction (4x the blocks, a quarter of the serial steps) and a merge
+// pass sums the four fp32 direction planes in the fused order (bitwise the same y, deterministic).
 //
 // Thread mapping (v1 and the backward). One block per (channel tile, batch item) runs the directions of the call
 // one after the other (all four for the fused op). A step of a direction is one line across the scan axis: rows
@@ -36,7 +38,10 @@
 // Expected speed (a model, not measured: no GPU was available when v2 was written). Small latents are latency
 // bound: every block walks 4 x L steps, one after the other; v1 waits a DRAM round trip (~0.8 us) after every
 // step's barrier, and one more per pass of kForwardUnroll elements per thread; v2 issues every load of line s+1
-// while it computes line s, so a step costs at most one round trip. Lines longer than 512 packs (v2 holds one
+// while it computes line s, so a step costs at most one round trip, and the direction split walks L steps, not
+// 4 L, for 16 more bytes per pixel-channel (4 fp32 planes written and read; 64x64/C=640/B=2: 84 MB of planes,
+// mostly L2) and a launch. At 64x64/C=640/B=2 bf16 the model picks it: 64 steps + the merge (~45 round trips
+// of bandwidth) against 256 steps. Lines longer than 512 packs (v2 holds one
 // 16-byte pack per thread at 128 registers; two spill) run v1. At 1024x512/C=640/B=2 bf16, normalised, the model
 // picks v1 with 8-channel tiles: 160 blocks of 128 KB of h/z lines, one per SM, so two waves; the first moves
 // ~18 MB per step (bandwidth bound, ~5.5 us at peak), the second is latency bound (4 passes per step): about
@@ -49,6 +54,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 
+#include <algorithm>
 #include <mutex>
 #include <set>
 #include <utility>
@@ -633,15 +639,27 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
 // Launchers (the host emulation of csrc/emulation/ launches the same kernels its own way)
 // ------------------------------------------------------------------------------------------------------------
 
-// The forward kernel of the work split (v2 with packs of in.pack channels, or v1), handed with its shared memory
-// to `launch` (the CUDA launcher below, or the host emulation's).
+// The forward of the work split: the scan kernel (v2 with packs of in.pack channels, or v1) on a grid of
+// (channel tiles, batch, 4 directions when split), then the merge of the direction planes when split. Each
+// kernel goes to `launch(kernel, grid, threads, shared bytes)` (the CUDA launcher below, or the emulation's).
 template <typename T, typename Launch>
 cudaError_t dispatch_forward(const ScanInputs& in, Launch&& launch) {
   constexpr int kPack = 16 / sizeof(T);
+  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch),
+                  in.split_directions ? kNumDirections : 1);
   const size_t v2_shared = forward_v2_shared_bytes(in);
-  if (in.pack == kPack) return launch(forward_kernel_v2<T, kPack, forward_v2_units(kPack)>, v2_shared);
-  if (in.pack == 1) return launch(forward_kernel_v2<T, 1, forward_v2_units(1)>, v2_shared);
-  return launch(forward_kernel<T, kForwardUnroll>, forward_shared_bytes(in));
+  cudaError_t error;
+  if (in.pack == kPack) {
+    error = launch(forward_kernel_v2<T, kPack, forward_v2_units(kPack)>, grid, in.threads, v2_shared);
+  } else if (in.pack == 1) {
+    error = launch(forward_kernel_v2<T, 1, forward_v2_units(1)>, grid, in.threads, v2_shared);
+  } else {
+    error = launch(forward_kernel<T, kForwardUnroll>, grid, in.threads, forward_shared_bytes(in));
+  }
+  if (error != cudaSuccess || !in.split_directions) return error;
+  const int64_t elements = in.batch * in.height * in.width * in.channels;
+  const int64_t blocks = std::min<int64_t>((elements + kMergeThreads - 1) / kMergeThreads, 1 << 20);
+  return launch(merge_directions_kernel<T>, dim3(static_cast<unsigned>(blocks)), kMergeThreads, 0);
 }
 
 #ifndef GSPN_HOST_EMULATION
@@ -669,10 +687,9 @@ cudaError_t raise_shared_memory_limit(Kernel kernel) {
 // Launch errors are checked by the binding (C10_CUDA_KERNEL_LAUNCH_CHECK).
 template <typename T>
 cudaError_t launch_forward(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
-  return dispatch_forward<T>(in, [&](auto kernel, size_t shared) {
+  return dispatch_forward<T>(in, [&](auto kernel, dim3 grid, int threads, size_t shared) {
     const cudaError_t error = raise_shared_memory_limit(kernel);
-    if (error == cudaSuccess) kernel<<<grid, in.threads, shared, stream>>>(in, out);
+    if (error == cudaSuccess) kernel<<<grid, threads, shared, stream>>>(in, out);
     return error;
   });
 }

@@ -154,6 +154,49 @@ def test_forward_kernel_choice(emu, shape, dtype, kernel, pack):
     assert (split["kernel"], split["pack"]) == (kernel, pack)
 
 
+@pytest.fixture
+def direction_split(emu):
+    """Set the fused forward's direction split (1: one block per direction, 0: never), back to the model after."""
+    yield emu.set_direction_split
+    emu.set_direction_split(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "variant", ["shared u, skip", "per-direction u, scalar merge, no skip", "shared gates, chunked, normalised"]
+)
+def test_direction_split_equals_the_fused_kernel(emu, direction_split, dtype, variant):
+    """One block per direction + the merge pass gives bitwise the y of one block walking all four (same order of
+    fp32 sums), and matches the reference; the gradients do not depend on it (the backward is shared)."""
+    if variant == "shared u, skip":
+        case, chunk, normalize = fused_case(2, 5, 7, 16, 16, u_per_direction=False), None, False
+    elif variant == "per-direction u, scalar merge, no skip":
+        case, chunk, normalize = fused_case(1, 6, 3, 8, 8, merge_per_channel=False, skip=False), None, True
+    else:
+        case, chunk, normalize = fused_case(2, 7, 5, 16, 4), 2, True
+    outputs = []
+    for mode in (1, 0):
+        direction_split(mode)
+        check_fused(emu, case, chunk, normalize, dtype=dtype)
+        assert emu.last_forward_split()["split_directions"] == (mode == 1)
+        inputs = [None if v is None else v.to(dtype) for v in case.values()]
+        outputs.append(emu.fused_forward(*inputs, chunk or 0, normalize, 1e-6, 0))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_direction_split_follows_the_model(emu):
+    """Latency-bound small latents split the directions over blocks; large ones do not (the merge pass and the
+    planes' traffic would cost more than the shorter walk saves)."""
+
+    def plan(h, w, c):
+        e = lambda *shape: torch.empty(1, dtype=torch.bfloat16).expand(*shape)  # noqa: E731 - no memory
+        return emu.plan_fused_forward(e(2, h, w, c), e(2, h, w, c), e(2, h, w, 4, 3, c), e(2, h, w, c), e(4, c))
+
+    assert plan(64, 64, 640)["split_directions"]
+    assert not plan(256, 256, 320)["split_directions"]
+    assert plan(1024, 512, 640)["kernel"] == "v1"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("float_params", [False, True])
 def test_fused_low_precision(emu, dtype, float_params):
