@@ -19,11 +19,11 @@ using at::Tensor;
 
 constexpr int kMaxThreads = 512;  // matches __launch_bounds__ of the kernels
 // Registers per thread (ptxas -v, sm_90, bf16: v1 forward 81, v2 forward 124 with 16-byte packs and 64 with single
-// channels, backward 120; rounded up), for occupancy.
-constexpr int64_t kForwardRegisters = 96;
+// channels, backward 120; rounded up to the allocation unit of 8), for occupancy.
+constexpr int64_t kForwardRegisters = 88;
 constexpr int64_t kForwardV2PackRegisters = 128;
 constexpr int64_t kForwardV2SingleRegisters = 64;
-constexpr int64_t kBackwardRegisters = 128;
+constexpr int64_t kBackwardRegisters = 120;
 constexpr int64_t kRegistersPerSm = 65536;  // every architecture from sm_70 to sm_90
 // Latency/bandwidth model of a scan step (see choose_work_split): the bytes one SM must have in flight to cover
 // one DRAM round trip at its share of the bandwidth (H100: 3.35 TB/s x ~0.8 us / 132 SMs ~ 20 KB; A100: ~15 KB),
@@ -115,36 +115,42 @@ void choose_work_split(const Device& device, gspn::ScanInputs& in, bool backward
     const bool v2 = !backward && gspn::forward_v2_fits(in, pack);
     const int64_t v1_threads =
         std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, round_up(gspn::max_rows(in) * tile, 32)));
-    const int64_t threads = v2 ? gspn::forward_v2_threads(in, pack) : v1_threads;
-    in.threads = static_cast<int>(threads);
-    const size_t bytes = backward ? gspn::backward_shared_bytes(in)
-                                  : (v2 ? gspn::forward_v2_shared_bytes(in) : gspn::forward_shared_bytes(in));
-    if (bytes > limits.shared_per_block) continue;
-    const int64_t v2_registers = pack > 1 ? kForwardV2PackRegisters : kForwardV2SingleRegisters;
-    const int64_t registers = backward ? kBackwardRegisters : (v2 ? v2_registers : kForwardRegisters);
-    const int64_t by_smem = static_cast<int64_t>(limits.shared_per_sm / std::max<size_t>(bytes, 1));
-    const int64_t by_threads = limits.threads_per_sm / threads;
-    const int64_t by_registers = kRegistersPerSm / (threads * registers);
-    const int64_t per_wave = std::max<int64_t>(1, std::min({by_smem, by_threads, by_registers})) * limits.sms;
-    const int64_t sector_bytes = round_up(tile * element_size, 32);  // per pixel and array
-    const int64_t per_pass = threads * (backward ? 1 : gspn::kForwardUnroll);
-    const int64_t passes = v2 ? 1 : (gspn::max_rows(in) * tile + per_pass - 1) / per_pass;
-    for (const bool split : {false, true}) {
-      if (split && !(fused && v2 && direction_split_override != 0)) continue;
-      if (!split && fused && v2 && direction_split_override == 1) continue;
-      const int64_t blocks = in.batch * ((in.channels + tile - 1) / tile) * (split ? gspn::kNumDirections : 1);
-      const int64_t waves = (blocks + per_wave - 1) / per_wave;
-      const double step_bytes =
-          static_cast<double>(std::min(blocks, per_wave) * gspn::max_rows(in) * kArraysPerStep * sector_bytes);
-      const double step = std::max(static_cast<double>(passes), step_bytes / bytes_per_round_trip);
-      const double walked = static_cast<double>(split ? longest : all_steps);
-      const double cost = static_cast<double>(waves) * step * walked + (split ? merge_cost : 0.0);
-      if (best_tile == 0 || cost < best_cost) {
-        best_tile = in.tile;
-        best_threads = in.threads;
-        best_pack = v2 ? pack : 0;
-        best_split = split;
-        best_cost = cost;
+    // v1 and the backward also try fewer threads per block (more passes per step, more blocks per SM).
+    for (const int64_t option : {kMaxThreads, kMaxThreads / 2, kMaxThreads / 4}) {
+      if (option != kMaxThreads && (v2 || option >= v1_threads)) continue;
+      const int64_t threads = v2 ? gspn::forward_v2_threads(in, pack) : std::min(option, v1_threads);
+      in.threads = static_cast<int>(threads);
+      const size_t bytes = backward ? gspn::backward_shared_bytes(in)
+                                    : (v2 ? gspn::forward_v2_shared_bytes(in) : gspn::forward_shared_bytes(in));
+      if (bytes > limits.shared_per_block) continue;
+      const int64_t v2_registers = pack > 1 ? kForwardV2PackRegisters : kForwardV2SingleRegisters;
+      const int64_t registers = backward ? kBackwardRegisters : (v2 ? v2_registers : kForwardRegisters);
+      const int64_t by_smem = static_cast<int64_t>(limits.shared_per_sm / std::max<size_t>(bytes, 1));
+      const int64_t by_threads = limits.threads_per_sm / threads;
+      const int64_t by_registers = kRegistersPerSm / (threads * registers);
+      const int64_t per_wave = std::max<int64_t>(1, std::min({by_smem, by_threads, by_registers})) * limits.sms;
+      const int64_t per_pass = threads * (backward ? 1 : gspn::kForwardUnroll);
+      const int64_t passes = v2 ? 1 : (gspn::max_rows(in) * tile + per_pass - 1) / per_pass;
+      for (const bool split : {false, true}) {
+        if (split && !(fused && v2 && direction_split_override != 0)) continue;
+        if (!split && fused && v2 && direction_split_override == 1) continue;
+        const int64_t blocks = in.batch * ((in.channels + tile - 1) / tile) * (split ? gspn::kNumDirections : 1);
+        const int64_t waves = (blocks + per_wave - 1) / per_wave;
+        // Whole 32-byte sectors per pixel and array: even where neighbouring tiles' blocks share a sector in L2,
+        // each block's reads cost L1/L2 a whole sector (L2 bandwidth is ~2-3x HBM's, not 8x).
+        const int64_t pixel_bytes = round_up(tile * element_size, 32);
+        const double step_bytes =
+            static_cast<double>(std::min(blocks, per_wave) * gspn::max_rows(in) * kArraysPerStep * pixel_bytes);
+        const double step = std::max(static_cast<double>(passes), step_bytes / bytes_per_round_trip);
+        const double walked = static_cast<double>(split ? longest : all_steps);
+        const double cost = static_cast<double>(waves) * step * walked + (split ? merge_cost : 0.0);
+        if (best_tile == 0 || cost < best_cost) {
+          best_tile = in.tile;
+          best_threads = in.threads;
+          best_pack = v2 ? pack : 0;
+          best_split = split;
+          best_cost = cost;
+        }
       }
     }
   }
