@@ -77,16 +77,17 @@ void copy_strides(const Tensor& t, int64_t* out) {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Channels per block, threads per block and (forward) kernel version, by a latency/bandwidth model. A step of
-// the scan costs max(its round trips, the bytes the resident blocks move in it over the bandwidth): v2 has its
-// line's loads in flight before the step (one round trip at most); v1 and the backward issue theirs after the
-// barrier, kForwardUnroll (backward: 1) elements per thread at a time, so a step waits one round trip per pass.
-// Bytes count whole 32-byte sectors per pixel (a 2-channel bf16 tile pays 32 bytes for 4). Times the number of
-// waves; ties go to the wider tile. `requested` > 0 forces the tile (tuning, GSPN_DIFFUSERS_CUDA_TILE).
 // Tests (the emulation's set_direction_split): -1 lets the model decide whether the fused forward splits the
 // directions over blocks, 0 never splits, 1 splits wherever v2 runs.
 int direction_split_override = -1;
 
+// Channels per block, threads per block and (forward) kernel version, by a latency/bandwidth model. A step of
+// the scan costs max(its round trips, the bytes the resident blocks move in it over the bandwidth): v2 has its
+// line's loads in flight before the step (one round trip at most); v1 and the backward issue theirs after the
+// barrier, kForwardUnroll (backward: kBackwardUnroll) elements per thread at a time, so a step waits one round
+// trip per pass.
+// Bytes count whole 32-byte sectors per pixel (a 2-channel bf16 tile pays 32 bytes for 4). Times the number of
+// waves; ties go to the wider tile. `requested` > 0 forces the tile (tuning, GSPN_DIFFUSERS_CUDA_TILE).
 void choose_work_split(const Device& device, gspn::ScanInputs& in, bool backward, int64_t requested,
                        int64_t element_size) {
   const DeviceLimits limits = device.limits();
@@ -129,7 +130,7 @@ void choose_work_split(const Device& device, gspn::ScanInputs& in, bool backward
       const int64_t by_threads = limits.threads_per_sm / threads;
       const int64_t by_registers = kRegistersPerSm / (threads * registers);
       const int64_t per_wave = std::max<int64_t>(1, std::min({by_smem, by_threads, by_registers})) * limits.sms;
-      const int64_t per_pass = threads * (backward ? 1 : gspn::kForwardUnroll);
+      const int64_t per_pass = threads * (backward ? gspn::kBackwardUnroll : gspn::kForwardUnroll);
       const int64_t passes = v2 ? 1 : (gspn::max_rows(in) * tile + per_pass - 1) / per_pass;
       for (const bool split : {false, true}) {
         if (split && !(fused && v2 && direction_split_override != 0)) continue;

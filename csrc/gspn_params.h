@@ -110,8 +110,11 @@ inline size_t forward_shared_bytes(const ScanInputs& in) {
   return sizeof(float) * 2 * (in.normalize ? 2 : 1) * max_rows(in) * in.tile;
 }
 
-// Elements per thread per pass of the v1 forward (all their loads issued before any use).
+// Elements per thread per pass (all their loads issued before any use): the v1 forward, the backward's reverse
+// step (2 spills at the 128 registers of 512 threads, ptxas sm_90) and its recomputation of the hidden lines.
 constexpr int kForwardUnroll = 4;
+constexpr int kBackwardUnroll = 1;
+constexpr int kRecomputeUnroll = 4;
 
 // Forward kernel v2 (gspn_forward_v2.cuh).
 constexpr int kV2MaxThreads = 512;  // __launch_bounds__ of forward_kernel_v2

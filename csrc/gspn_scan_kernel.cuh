@@ -376,22 +376,35 @@ __device__ void recompute_line(const ScanInputs& in, const Lane& t, const Direct
   const bool start = !has_predecessor(in, g, s);
   const int64_t n = g.rows * in.tile;
   if (!t.active) return;
-  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-    const int64_t r = e >> t.tile_shift;
-    int64_t y, x;
-    image_pixel(g, line, r, y, x);
-    const float lv = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
-    float h = lv * load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
-    float z = lv;
-    if (!start) {
-      float logits[kNumGates];
-      load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logits);
-      const GateWeights w = gate_weights(logits, r, g.rows);
-      h += carried(w, h_prev, r, g.rows, in.tile, t.lane);
-      if (in.normalize) z += carried(w, z_prev, r, g.rows, in.tile, t.lane);
+  // kRecomputeUnroll elements per thread per pass: all their global loads are issued before any use.
+  for (int64_t e0 = threadIdx.x; e0 < n; e0 += kRecomputeUnroll * static_cast<int64_t>(blockDim.x)) {
+    float xv[kRecomputeUnroll], lv[kRecomputeUnroll], logits[kRecomputeUnroll][kNumGates];
+#pragma unroll
+    for (int i = 0; i < kRecomputeUnroll; ++i) {
+      const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
+      if (e >= n) continue;
+      const int64_t r = e >> t.tile_shift;
+      int64_t y, x;
+      image_pixel(g, line, r, y, x);
+      lv[i] = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
+      xv[i] = load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
+      if (!start) load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logits[i]);
     }
-    h_cur[e] = h;
-    if (in.normalize) z_cur[e] = z;
+#pragma unroll
+    for (int i = 0; i < kRecomputeUnroll; ++i) {
+      const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
+      if (e >= n) continue;
+      const int64_t r = e >> t.tile_shift;
+      float h = lv[i] * xv[i];
+      float z = lv[i];
+      if (!start) {
+        const GateWeights w = gate_weights(logits[i], r, g.rows);
+        h += carried(w, h_prev, r, g.rows, in.tile, t.lane);
+        if (in.normalize) z += carried(w, z_prev, r, g.rows, in.tile, t.lane);
+      }
+      h_cur[e] = h;
+      if (in.normalize) z_cur[e] = z;
+    }
   }
 }
 
@@ -479,119 +492,151 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
         float* out_h = contrib_h + (s & 1) * kNumGates * line_floats;  // read at step s - 1
         float* out_z = contrib_z + (s & 1) * kNumGates * line_floats;
 
-        for (int64_t e = threadIdx.x; t.active && e < n; e += blockDim.x) {
-          const int64_t r = e >> t.tile_shift;
-          int64_t y, x;
-          image_pixel(g, line, r, y, x);
-          const float xv = load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
-          const float lv = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
-          const float gy = load_float(gyp + offset4(a.grad_y_stride, t.b, y, x, t.c));
-          const int64_t u_off = t.b * in.u_stride[0] + y * in.u_stride[1] + x * in.u_stride[2] + d * in.u_stride[3] +
-                                t.c * in.u_stride[4];
-          const float uv = up != nullptr ? load_float(up + u_off) : 1.f;
-          const float h = hc[e];
-
-          // Gradients of this direction's term with respect to q, h, z, u and merge.
-          float q = h, dh = gy * merge_c * uv, dz = 0.f;
-          if (in.normalize) {
-            const float z = zc[e];
-            const float zclamped = fmaxf(z, in.eps);
-            q = h / zclamped;
-            dh = gy * merge_c * uv / zclamped;
-            dz = z >= in.eps ? -dh * q : 0.f;  // d(h / z)/dz = -(h / z) / z
-          }
-          merge_acc += gy * uv * q;
-
-          // Adjoint carried back from line s + 1: rows r + 1 (k = 0), r (k = 1), r - 1 (k = 2).
-          if (has_next) {
-            float ch = in_h[1 * line_floats + e];
-            float cz = in.normalize ? in_z[1 * line_floats + e] : 0.f;
-            if (r + 1 < g.rows) {
-              ch += in_h[0 * line_floats + e + tile];
-              if (in.normalize) cz += in_z[0 * line_floats + e + tile];
-            }
-            if (r > 0) {
-              ch += in_h[2 * line_floats + e - tile];
-              if (in.normalize) cz += in_z[2 * line_floats + e - tile];
-            }
-            dh += ch;
-            dz += cz;
-          }
-          if (a.grad_final != nullptr && s == g.length - 1) {  // the final state is h of the last line
-            dh += load_float(static_cast<const T*>(a.grad_final) + state_offset(a.grad_final_stride, t.b, r, t.c));
-          }
-
-          // Gates (and what this line sends back to line s - 1).
-          const int64_t gate_base =
-              ((((t.b * in.height + y) * in.width + x) * slots + slot) * kNumGates) * in.gate_channels + t.group;
-          if (!start) {
-            float logits[kNumGates];
-            load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logits);
-            const GateWeights w = gate_weights(logits, r, g.rows);
-            float gp[kNumGates];
-            float dot = 0.f;
+        // kBackwardUnroll elements per thread per pass: all their global loads are issued before any use (no
+        // element's stores touch another's loads: inputs are read only, the running sums are per element).
+        const int64_t per_pass = kBackwardUnroll * static_cast<int64_t>(blockDim.x);
+        for (int64_t e0 = threadIdx.x; t.active && e0 < n; e0 += per_pass) {
+          float xs[kBackwardUnroll], ls[kBackwardUnroll], gys[kBackwardUnroll], us[kBackwardUnroll];
+          float hs[kBackwardUnroll], zs[kBackwardUnroll], logit_s[kBackwardUnroll][kNumGates];
+          float axs[kBackwardUnroll], als[kBackwardUnroll], aus[kBackwardUnroll];
 #pragma unroll
-            for (int k = 0; k < kNumGates; ++k) {
-              gp[k] = 0.f;
-              if (gate_valid(k, r, g.rows)) {
-                const int64_t nb = e + (k - 1) * tile;
-                gp[k] = dh * hp[nb] + (in.normalize ? dz * zp[nb] : 0.f);
+          for (int i = 0; i < kBackwardUnroll; ++i) {
+            const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
+            if (e >= n) continue;
+            const int64_t r = e >> t.tile_shift;
+            int64_t y, x;
+            image_pixel(g, line, r, y, x);
+            xs[i] = load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
+            ls[i] = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
+            gys[i] = load_float(gyp + offset4(a.grad_y_stride, t.b, y, x, t.c));
+            us[i] = up != nullptr ? load_float(up + t.b * in.u_stride[0] + y * in.u_stride[1] + x * in.u_stride[2] +
+                                               d * in.u_stride[3] + t.c * in.u_stride[4])
+                                  : 1.f;
+            hs[i] = hc[e];
+            zs[i] = in.normalize ? zc[e] : 0.f;
+            if (!start) load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logit_s[i]);
+            if (!first) {
+              const int64_t idx = dense_index(in, t.b, y, x, t.c);
+              axs[i] = a.accum_x[idx];
+              als[i] = a.accum_lam[idx];
+              aus[i] = (up != nullptr && !a.u_per_direction) ? a.accum_u[idx] : 0.f;
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < kBackwardUnroll; ++i) {
+            const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
+            if (e >= n) continue;
+            const int64_t r = e >> t.tile_shift;
+            int64_t y, x;
+            image_pixel(g, line, r, y, x);
+            const float xv = xs[i];
+            const float lv = ls[i];
+            const float gy = gys[i];
+            const float uv = us[i];
+            const float h = hs[i];
+
+            // Gradients of this direction's term with respect to q, h, z, u and merge.
+            float q = h, dh = gy * merge_c * uv, dz = 0.f;
+            if (in.normalize) {
+              const float z = zs[i];
+              const float zclamped = fmaxf(z, in.eps);
+              q = h / zclamped;
+              dh = gy * merge_c * uv / zclamped;
+              dz = z >= in.eps ? -dh * q : 0.f;  // d(h / z)/dz = -(h / z) / z
+            }
+            merge_acc += gy * uv * q;
+
+            // Adjoint carried back from line s + 1: rows r + 1 (k = 0), r (k = 1), r - 1 (k = 2).
+            if (has_next) {
+              float ch = in_h[1 * line_floats + e];
+              float cz = in.normalize ? in_z[1 * line_floats + e] : 0.f;
+              if (r + 1 < g.rows) {
+                ch += in_h[0 * line_floats + e + tile];
+                if (in.normalize) cz += in_z[0 * line_floats + e + tile];
               }
-              dot += gp[k] * w.p[k];
-            }
-#pragma unroll
-            for (int k = 0; k < kNumGates; ++k) {
-              // p_k = sig_k / S over the valid k: dL/dsig_j = (gp_j - sum_k gp_k p_k) / S, zero when dropped.
-              const float dsig = gate_valid(k, r, g.rows) ? (gp[k] - dot) * w.inv_sum : 0.f;
-              const float dlogit = dsig * w.sig[k] * (1.f - w.sig[k]);
-              const int64_t gate_idx = gate_base + k * in.gate_channels;
-              if (shared_gates) {
-                if (dlogit != 0.f) atomicAdd(static_cast<float*>(a.grad_gate) + gate_idx, dlogit);
-              } else {
-                static_cast<T*>(a.grad_gate)[gate_idx] = store_value<T>(dlogit);
+              if (r > 0) {
+                ch += in_h[2 * line_floats + e - tile];
+                if (in.normalize) cz += in_z[2 * line_floats + e - tile];
               }
-              out_h[k * line_floats + e] = w.p[k] * dh;
-              if (in.normalize) out_z[k * line_floats + e] = w.p[k] * dz;
+              dh += ch;
+              dz += cz;
             }
-          } else {
-#pragma unroll
-            for (int k = 0; k < kNumGates; ++k) {
-              if (!shared_gates) static_cast<T*>(a.grad_gate)[gate_base + k * in.gate_channels] = store_value<T>(0.f);
-              out_h[k * line_floats + e] = 0.f;
-              if (in.normalize) out_z[k * line_floats + e] = 0.f;
+            if (a.grad_final != nullptr && s == g.length - 1) {  // the final state is h of the last line
+              dh += load_float(static_cast<const T*>(a.grad_final) + state_offset(a.grad_final_stride, t.b, r, t.c));
             }
-          }
 
-          // x, lam, u: sums over the directions in a block-private fp32 accumulator (fixed order).
-          const int64_t idx = dense_index(in, t.b, y, x, t.c);
-          float gx = dh * lv;
-          float glam = dh * xv + dz;
-          if (first) {
-            gx += skip_c * gy;
-            skip_acc += gy * xv;
-          } else {
-            gx += a.accum_x[idx];
-            glam += a.accum_lam[idx];
-          }
-          if (last) {
-            static_cast<T*>(a.grad_x)[idx] = store_value<T>(gx);
-            static_cast<T*>(a.grad_lam)[idx] = store_value<T>(glam);
-          } else {
-            a.accum_x[idx] = gx;
-            a.accum_lam[idx] = glam;
-          }
-          if (up != nullptr) {
-            const float gu = gy * merge_c * q;
-            if (a.u_per_direction) {
-              static_cast<T*>(
-                  a.grad_u)[(((t.b * in.height + y) * in.width + x) * kNumDirections + d) * in.channels + t.c] =
-                  store_value<T>(gu);
+            // Gates (and what this line sends back to line s - 1).
+            const int64_t gate_base =
+                ((((t.b * in.height + y) * in.width + x) * slots + slot) * kNumGates) * in.gate_channels + t.group;
+            if (!start) {
+              const GateWeights w = gate_weights(logit_s[i], r, g.rows);
+              float gp[kNumGates];
+              float dot = 0.f;
+#pragma unroll
+              for (int k = 0; k < kNumGates; ++k) {
+                gp[k] = 0.f;
+                if (gate_valid(k, r, g.rows)) {
+                  const int64_t nb = e + (k - 1) * tile;
+                  gp[k] = dh * hp[nb] + (in.normalize ? dz * zp[nb] : 0.f);
+                }
+                dot += gp[k] * w.p[k];
+              }
+#pragma unroll
+              for (int k = 0; k < kNumGates; ++k) {
+                // p_k = sig_k / S over the valid k: dL/dsig_j = (gp_j - sum_k gp_k p_k) / S, zero when dropped.
+                const float dsig = gate_valid(k, r, g.rows) ? (gp[k] - dot) * w.inv_sum : 0.f;
+                const float dlogit = dsig * w.sig[k] * (1.f - w.sig[k]);
+                const int64_t gate_idx = gate_base + k * in.gate_channels;
+                if (shared_gates) {
+                  if (dlogit != 0.f) atomicAdd(static_cast<float*>(a.grad_gate) + gate_idx, dlogit);
+                } else {
+                  static_cast<T*>(a.grad_gate)[gate_idx] = store_value<T>(dlogit);
+                }
+                out_h[k * line_floats + e] = w.p[k] * dh;
+                if (in.normalize) out_z[k * line_floats + e] = w.p[k] * dz;
+              }
             } else {
-              const float acc = first ? gu : a.accum_u[idx] + gu;
-              if (last) {
-                static_cast<T*>(a.grad_u)[idx] = store_value<T>(acc);
+#pragma unroll
+              for (int k = 0; k < kNumGates; ++k) {
+                if (!shared_gates) {
+                  static_cast<T*>(a.grad_gate)[gate_base + k * in.gate_channels] = store_value<T>(0.f);
+                }
+                out_h[k * line_floats + e] = 0.f;
+                if (in.normalize) out_z[k * line_floats + e] = 0.f;
+              }
+            }
+
+            // x, lam, u: sums over the directions in a block-private fp32 accumulator (fixed order).
+            const int64_t idx = dense_index(in, t.b, y, x, t.c);
+            float gx = dh * lv;
+            float glam = dh * xv + dz;
+            if (first) {
+              gx += skip_c * gy;
+              skip_acc += gy * xv;
+            } else {
+              gx += axs[i];
+              glam += als[i];
+            }
+            if (last) {
+              static_cast<T*>(a.grad_x)[idx] = store_value<T>(gx);
+              static_cast<T*>(a.grad_lam)[idx] = store_value<T>(glam);
+            } else {
+              a.accum_x[idx] = gx;
+              a.accum_lam[idx] = glam;
+            }
+            if (up != nullptr) {
+              const float gu = gy * merge_c * q;
+              if (a.u_per_direction) {
+                static_cast<T*>(
+                    a.grad_u)[(((t.b * in.height + y) * in.width + x) * kNumDirections + d) * in.channels + t.c] =
+                    store_value<T>(gu);
               } else {
-                a.accum_u[idx] = acc;
+                const float acc = first ? gu : aus[i] + gu;
+                if (last) {
+                  static_cast<T*>(a.grad_u)[idx] = store_value<T>(acc);
+                } else {
+                  a.accum_u[idx] = acc;
+                }
               }
             }
           }
