@@ -111,7 +111,7 @@ inline size_t forward_shared_bytes(const ScanInputs& in) {
 }
 
 // Elements per thread per pass (all their loads issued before any use): the v1 forward, the backward's reverse
-// step (2 spills at the 128 registers of 512 threads, ptxas sm_90) and its recomputation of the hidden lines.
+// step (2 elements spill at the 128 registers of 512 threads, ptxas sm_90) and its recomputation of the lines.
 constexpr int kForwardUnroll = 4;
 constexpr int kBackwardUnroll = 1;
 constexpr int kRecomputeUnroll = 4;
