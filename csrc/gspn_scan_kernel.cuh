@@ -20,7 +20,7 @@
 // four directions in turn, so the running sum of the direction terms belongs to that block alone. It lives in
 // an fp32 accumulator (the output itself when the output is fp32): the first direction writes it, the middle
 // ones read-modify-write it, the last one writes y in the storage dtype. Deterministic (fixed order, no
-// atomics), fp32 accumulation, one launch, and no separate merge or cast pass.
+// atomics), fp32 accumulation, one launch, and no separate merge or cast pass (except v2's direction split).
 //
 // Memory traffic of the forward per pixel and channel, bf16, shared u, G = C (what the processor runs), both
 // kernels: the unavoidable minimum reads x, lam, the 12 gate logits, u and writes y: 32 bytes. These kernels
@@ -38,15 +38,16 @@
 // Expected speed (a model, not measured: no GPU was available when v2 was written). Small latents are latency
 // bound: every block walks 4 x L steps, one after the other; v1 waits a DRAM round trip (~0.8 us) after every
 // step's barrier, and one more per pass of kForwardUnroll elements per thread; v2 issues every load of line s+1
-// while it computes line s, so a step costs at most one round trip, and the direction split walks L steps, not
-// 4 L, for 16 more bytes per pixel-channel (4 fp32 planes written and read; 64x64/C=640/B=2: 84 MB of planes,
-// mostly L2) and a launch. At 64x64/C=640/B=2 bf16 the model picks it: 64 steps + the merge (~45 round trips
-// of bandwidth) against 256 steps. Lines longer than 512 packs (v2 holds one
-// 16-byte pack per thread at 128 registers; two spill) run v1. At 1024x512/C=640/B=2 bf16, normalised, the model
-// picks v1 with 8-channel tiles: 160 blocks of 128 KB of h/z lines, one per SM, so two waves; the first moves
-// ~18 MB per step (bandwidth bound, ~5.5 us at peak), the second is latency bound (4 passes per step): about
-// 35 ms, short of issue 10's 20 ms. What would close it: single-buffered lines or a line split over a thread
-// block cluster (one wave), and cp.async/TMA staging so long lines prefetch without registers.
+// while it computes line s, so a step costs at most one round trip. The direction split walks L steps instead
+// of 4 L for about 10 more bytes per pixel-channel (78 instead of 68: four fp32 planes written by the scan and
+// read by the merge, and x read again for the skip) and a second launch; at 64x64/C=640/B=2 bf16 the model
+// picks it (64 steps + a merge worth ~45 round trips of bandwidth, against 256 steps). Lines longer than 512
+// packs (v2 holds one 16-byte pack per thread at 124 registers; two spill) run v1. At 1024x512/C=640/B=2 bf16,
+// normalised, the model picks v1 with 8-channel tiles: 160 blocks of 128 KB of h/z lines, one per SM, so two
+// waves; the first moves ~18 MB per step (bandwidth bound, ~5.5 us at peak), the second is latency bound (4
+// passes per step): about 35 ms, short of issue 10's 20 ms. What would close it: single-buffered lines or a
+// line split over a thread block cluster (one wave), and cp.async/TMA staging so long lines prefetch without
+// registers.
 #pragma once
 
 #include <cuda_bf16.h>
