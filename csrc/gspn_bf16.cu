@@ -3,12 +3,12 @@
 
 namespace gspn {
 
-void forward_bf16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
-  launch_forward<__nv_bfloat16>(in, out, stream);
+cudaError_t forward_bf16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
+  return launch_forward<__nv_bfloat16>(in, out, stream);
 }
 
-void backward_bf16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
-  launch_backward<__nv_bfloat16>(in, args, stream);
+cudaError_t backward_bf16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
+  return launch_backward<__nv_bfloat16>(in, args, stream);
 }
 
 }  // namespace gspn

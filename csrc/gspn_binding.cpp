@@ -5,6 +5,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <string>
+#include <vector>
+
 #include "gspn_ops.h"
 
 namespace {
@@ -27,24 +30,46 @@ DeviceLimits cuda_limits() {
   return limits;
 }
 
+#ifndef GSPN_COMPILED_ARCHS
+#error "GSPN_COMPILED_ARCHS (the SM versions of the build) is set by gspn_diffusers/ops/cuda_build.compile_flags()"
+#endif
+
+std::vector<int> compiled_archs() { return {GSPN_COMPILED_ARCHS}; }
+
+// The launch setup's error (the shared-memory attribute, the first call that touches the kernel image), in words
+// that say what to do; then the launch's own error.
+void check_setup(cudaError_t error, const char* pass) {
+  if (error != cudaSuccess) {
+    int device = 0;
+    cudaDeviceProp prop{};
+    const bool known = cudaGetDevice(&device) == cudaSuccess && cudaGetDeviceProperties(&prop, device) == cudaSuccess;
+    std::string archs;
+    for (int arch : compiled_archs()) archs += (archs.empty() ? "" : ", ") + std::to_string(arch);
+    TORCH_CHECK(false, "GSPN CUDA kernel: setting up the ", pass, " kernel failed on device ", device,
+                known ? " (sm_" + std::to_string(prop.major * 10 + prop.minor) + ")" : std::string(), ": ",
+                cudaGetErrorString(error), ". The build covers sm ", archs,
+                " (and newer GPUs through PTX); rebuild for this GPU with GSPN_DIFFUSERS_CUDA_ARCH, or use "
+                "GSPN_DIFFUSERS_BACKEND=reference.");
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void cuda_forward(at::ScalarType dtype, const gspn::ScanInputs& in, const gspn::ScanForwardOutputs& out) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (dtype) {
-    case at::kFloat: gspn::forward_fp32(in, out, stream); break;
-    case at::kHalf: gspn::forward_fp16(in, out, stream); break;
-    default: gspn::forward_bf16(in, out, stream); break;
+    case at::kFloat: check_setup(gspn::forward_fp32(in, out, stream), "forward"); break;
+    case at::kHalf: check_setup(gspn::forward_fp16(in, out, stream), "forward"); break;
+    default: check_setup(gspn::forward_bf16(in, out, stream), "forward"); break;
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void cuda_backward(at::ScalarType dtype, const gspn::ScanInputs& in, const gspn::ScanBackwardArgs& args) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (dtype) {
-    case at::kFloat: gspn::backward_fp32(in, args, stream); break;
-    case at::kHalf: gspn::backward_fp16(in, args, stream); break;
-    default: gspn::backward_bf16(in, args, stream); break;
+    case at::kFloat: check_setup(gspn::backward_fp32(in, args, stream), "backward"); break;
+    case at::kHalf: check_setup(gspn::backward_fp16(in, args, stream), "backward"); break;
+    default: check_setup(gspn::backward_bf16(in, args, stream), "backward"); break;
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 const Device kCuda{true, &cuda_limits, &cuda_forward, &cuda_backward};
@@ -71,6 +96,9 @@ Tensor baseline_scan(const Tensor& x, const Tensor& lam, const Tensor& gate, int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "GSPN line-scan CUDA kernels (gspn_diffusers.ops.cuda wraps them in autograd Functions).";
   define_ops<c10::cuda::CUDAGuard>(m, kCuda);
+  m.def("compiled_archs", &compiled_archs,
+        "SM versions with machine code in this build, e.g. [75, 80, 86, 89, 90]; the newest also ships as PTX, "
+        "which the driver compiles for newer GPUs.");
   m.def("baseline_scan", &baseline_scan, "BENCHMARK BASELINE: one launch per line, state in global memory.",
         py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("direction"), py::arg("chunk"));
 }

@@ -3,12 +3,12 @@
 
 namespace gspn {
 
-void forward_fp16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
-  launch_forward<__half>(in, out, stream);
+cudaError_t forward_fp16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
+  return launch_forward<__half>(in, out, stream);
 }
 
-void backward_fp16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
-  launch_backward<__half>(in, args, stream);
+cudaError_t backward_fp16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
+  return launch_backward<__half>(in, args, stream);
 }
 
 }  // namespace gspn

@@ -3,12 +3,12 @@
 
 namespace gspn {
 
-void forward_fp32(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
-  launch_forward<float>(in, out, stream);
+cudaError_t forward_fp32(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
+  return launch_forward<float>(in, out, stream);
 }
 
-void backward_fp32(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
-  launch_backward<float>(in, args, stream);
+cudaError_t backward_fp32(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
+  return launch_backward<float>(in, args, stream);
 }
 
 }  // namespace gspn

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -17,10 +18,18 @@ namespace gspn_ops {
 using at::Tensor;
 
 constexpr int kMaxThreads = 512;  // matches __launch_bounds__ of the kernels
-// Registers per thread (ptxas -v at sm_80/sm_90 reports 84 forward, 114 backward; rounded up), for occupancy.
-constexpr int64_t kForwardRegisters = 96;
-constexpr int64_t kBackwardRegisters = 128;
-constexpr int64_t kRegistersPerSm = 65536;  // every architecture from sm_80 to sm_90
+// Registers per thread (ptxas -v, sm_90, bf16: v1 forward 81, v2 forward 124 with 16-byte packs and 64 with single
+// channels, backward 120; rounded up to the allocation unit of 8), for occupancy.
+constexpr int64_t kForwardRegisters = 88;
+constexpr int64_t kForwardV2PackRegisters = 128;
+constexpr int64_t kForwardV2SingleRegisters = 64;
+constexpr int64_t kBackwardRegisters = 120;
+constexpr int64_t kRegistersPerSm = 65536;  // every architecture from sm_70 to sm_90
+// Latency/bandwidth model of a scan step (see choose_work_split): the bytes one SM must have in flight to cover
+// one DRAM round trip at its share of the bandwidth (H100: 3.35 TB/s x ~0.8 us / 132 SMs ~ 20 KB; A100: ~15 KB),
+// and the arrays a step moves per pixel (x, lam, 3 gates, the output or accumulator).
+constexpr double kBytesInFlightPerSm = 20480;
+constexpr int64_t kArraysPerStep = 6;
 
 struct DeviceLimits {
   size_t shared_per_block;  // opt-in maximum of dynamic shared memory per block
@@ -68,33 +77,82 @@ void copy_strides(const Tensor& t, int64_t* out) {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Channels per block: the widest tile whose shared memory fits, preferring one wave of blocks over several
-// (cost = waves * tile, ties to the wider tile for coalescing). `requested` > 0 forces a tile (tuning).
+// Tests (the emulation's set_direction_split): -1 lets the model decide whether the fused forward splits the
+// directions over blocks, 0 never splits, 1 splits wherever v2 runs.
+int direction_split_override = -1;
+
+// Channels per block, threads per block and (forward) kernel version, by a latency/bandwidth model. A step of
+// the scan costs max(its round trips, the bytes the resident blocks move in it over the bandwidth): v2 has its
+// line's loads in flight before the step (one round trip at most); v1 and the backward issue theirs after the
+// barrier, kForwardUnroll (backward: kBackwardUnroll) elements per thread at a time, so a step waits one round
+// trip per pass.
+// Bytes count whole 32-byte sectors per pixel (a 2-channel bf16 tile pays 32 bytes for 4). Times the number of
+// waves; ties go to the wider tile. `requested` > 0 forces the tile (tuning, GSPN_DIFFUSERS_CUDA_TILE).
 void choose_work_split(const Device& device, gspn::ScanInputs& in, bool backward, int64_t requested,
                        int64_t element_size) {
   const DeviceLimits limits = device.limits();
-  // One 32-byte sector of channels per pixel at most: 8 fp32 or 16 half-precision channels.
-  const int64_t widest = requested > 0 ? requested : 32 / element_size;
+  const int64_t widest = requested > 0 ? requested : 16;
   TORCH_CHECK(widest >= 1 && widest <= 16 && (widest & (widest - 1)) == 0,
               "GSPN CUDA kernel: tile must be a power of two in [1, 16], got ", widest, ".");
-  int best_tile = 0, best_threads = 0;
-  int64_t best_cost = 0;
+  // Steps a block walks: every direction of the call in turn, or (split) the longest one; the merge pass of a
+  // split reads the 4 fp32 planes, x and u and writes y.
+  int64_t all_steps = 0, longest = 0;
+  for (int d = in.dir_begin; d < in.dir_end; ++d) {
+    const int64_t length = d >= 2 ? in.height : in.width;  // vertical scans walk H lines, horizontal ones W
+    all_steps += length;
+    longest = std::max(longest, length);
+  }
+  const double bytes_per_round_trip = static_cast<double>(limits.sms) * kBytesInFlightPerSm;
+  const double merge_cost =
+      1.0 + static_cast<double>(in.batch * in.height * in.width * in.channels * (16 + 3 * element_size)) /
+                bytes_per_round_trip;
+  const bool fused = in.dir_end - in.dir_begin == gspn::kNumDirections;
+  int best_tile = 0, best_threads = 0, best_pack = 0;
+  bool best_split = false;
+  double best_cost = 0;
   for (int64_t tile = widest; tile >= (requested > 0 ? widest : 1); tile /= 2) {
     in.tile = static_cast<int>(tile);
-    const int64_t threads = std::max<int64_t>(32, round_up(gspn::max_rows(in) * tile, 32));
-    in.threads = static_cast<int>(std::min<int64_t>(kMaxThreads, threads));
-    const size_t bytes = backward ? gspn::backward_shared_bytes(in) : gspn::forward_shared_bytes(in);
-    if (bytes > limits.shared_per_block) continue;
-    const int64_t by_smem = static_cast<int64_t>(limits.shared_per_sm / std::max<size_t>(bytes, 1));
-    const int64_t by_threads = limits.threads_per_sm / in.threads;
-    const int64_t by_registers = kRegistersPerSm / (in.threads * (backward ? kBackwardRegisters : kForwardRegisters));
-    const int64_t per_wave = std::max<int64_t>(1, std::min({by_smem, by_threads, by_registers})) * limits.sms;
-    const int64_t blocks = in.batch * ((in.channels + tile - 1) / tile);
-    const int64_t cost = (blocks + per_wave - 1) / per_wave * tile;
-    if (best_tile == 0 || cost < best_cost) {
-      best_tile = in.tile;
-      best_threads = in.threads;
-      best_cost = cost;
+    const int pack = backward ? 0 : gspn::pack_width(tile, in.channels, element_size);
+    const bool v2 = !backward && gspn::forward_v2_fits(in, pack);
+    const int64_t v1_threads =
+        std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, round_up(gspn::max_rows(in) * tile, 32)));
+    // v1 and the backward also try fewer threads per block (more passes per step, more blocks per SM).
+    for (const int64_t option : {kMaxThreads, kMaxThreads / 2, kMaxThreads / 4}) {
+      if (option != kMaxThreads && (v2 || option >= v1_threads)) continue;
+      const int64_t threads = v2 ? gspn::forward_v2_threads(in, pack) : std::min(option, v1_threads);
+      in.threads = static_cast<int>(threads);
+      const size_t bytes = backward ? gspn::backward_shared_bytes(in)
+                                    : (v2 ? gspn::forward_v2_shared_bytes(in) : gspn::forward_shared_bytes(in));
+      if (bytes > limits.shared_per_block) continue;
+      const int64_t v2_registers = pack > 1 ? kForwardV2PackRegisters : kForwardV2SingleRegisters;
+      const int64_t registers = backward ? kBackwardRegisters : (v2 ? v2_registers : kForwardRegisters);
+      const int64_t by_smem = static_cast<int64_t>(limits.shared_per_sm / std::max<size_t>(bytes, 1));
+      const int64_t by_threads = limits.threads_per_sm / threads;
+      const int64_t by_registers = kRegistersPerSm / (threads * registers);
+      const int64_t per_wave = std::max<int64_t>(1, std::min({by_smem, by_threads, by_registers})) * limits.sms;
+      const int64_t per_pass = threads * (backward ? gspn::kBackwardUnroll : gspn::kForwardUnroll);
+      const int64_t passes = v2 ? 1 : (gspn::max_rows(in) * tile + per_pass - 1) / per_pass;
+      for (const bool split : {false, true}) {
+        if (split && !(fused && v2 && direction_split_override != 0)) continue;
+        if (!split && fused && v2 && direction_split_override == 1) continue;
+        const int64_t blocks = in.batch * ((in.channels + tile - 1) / tile) * (split ? gspn::kNumDirections : 1);
+        const int64_t waves = (blocks + per_wave - 1) / per_wave;
+        // Whole 32-byte sectors per pixel and array: even where neighbouring tiles' blocks share a sector in L2,
+        // each block's reads cost L1/L2 a whole sector (L2 bandwidth is ~2-3x HBM's, not 8x).
+        const int64_t pixel_bytes = round_up(tile * element_size, 32);
+        const double step_bytes =
+            static_cast<double>(std::min(blocks, per_wave) * gspn::max_rows(in) * kArraysPerStep * pixel_bytes);
+        const double step = std::max(static_cast<double>(passes), step_bytes / bytes_per_round_trip);
+        const double walked = static_cast<double>(split ? longest : all_steps);
+        const double cost = static_cast<double>(waves) * step * walked + (split ? merge_cost : 0.0);
+        if (best_tile == 0 || cost < best_cost) {
+          best_tile = in.tile;
+          best_threads = in.threads;
+          best_pack = v2 ? pack : 0;
+          best_split = split;
+          best_cost = cost;
+        }
+      }
     }
   }
   TORCH_CHECK(best_tile > 0, "GSPN CUDA kernel: a scan line of ", gspn::max_rows(in),
@@ -102,6 +160,28 @@ void choose_work_split(const Device& device, gspn::ScanInputs& in, bool backward
               " bytes per block on this GPU); use GSPN_DIFFUSERS_BACKEND=reference for this size.");
   in.tile = best_tile;
   in.threads = best_threads;
+  in.pack = best_pack;
+  in.split_directions = best_split;
+}
+
+// Whether an array allows one aligned vector load per pack: channel stride 1 (or a pack of 1), the other strides
+// and the pointer multiples of the pack.
+bool vector_loads(const void* data, const int64_t* stride, int dims, int64_t pack, int64_t element_size) {
+  if (pack == 1) return true;
+  if (stride[dims - 1] != 1 || reinterpret_cast<uintptr_t>(data) % (pack * element_size) != 0) return false;
+  for (int i = 0; i < dims - 1; ++i) {
+    if (stride[i] % pack != 0) return false;
+  }
+  return true;
+}
+
+void set_vector_loads(gspn::ScanInputs& in, int64_t element_size) {
+  if (in.pack == 0) return;
+  in.vector_x = vector_loads(in.x, in.x_stride, 4, in.pack, element_size);
+  in.vector_lam = vector_loads(in.lam, in.lam_stride, 4, in.pack, element_size);
+  in.vector_gate =
+      in.gate_channels == in.channels && vector_loads(in.gate, in.gate_stride, 6, in.pack, element_size);
+  in.vector_u = in.u != nullptr && vector_loads(in.u, in.u_stride, 5, in.pack, element_size);
 }
 
 // Fills the inputs shared by forward and backward. gate is 6-D (B, H, W, slots, 3, G); u is 5-D
@@ -220,11 +300,16 @@ Tensor run_forward(const Device& device, const Tensor& x, gspn::ScanInputs in, i
   Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   choose_work_split(device, in, /*backward=*/false, tile, x.element_size());
+  set_vector_loads(in, x.element_size());
   Tensor accum;
   gspn::ScanForwardOutputs out{};
   out.y = y.data_ptr();
   if (final_state.defined()) out.final_state = final_state.data_ptr();
-  if (in.dir_end - in.dir_begin > 1) {
+  if (in.split_directions) {  // one fp32 plane per direction
+    accum = at::empty({gspn::kNumDirections, in.batch, in.height, in.width, in.channels},
+                      x.options().dtype(at::kFloat));
+    out.accum = accum.data_ptr<float>();
+  } else if (in.dir_end - in.dir_begin > 1) {
     accum = x.scalar_type() == at::kFloat ? y : at::empty(x.sizes(), x.options().dtype(at::kFloat));
     out.accum = accum.data_ptr<float>();
   }
@@ -237,8 +322,8 @@ Tensor run_forward(const Device& device, const Tensor& x, gspn::ScanInputs in, i
 // Carried state of the single op: grad_final (checked by carried_state, or undefined) and grad_initial (a
 // contiguous (B, rows, C) output, or undefined).
 std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, const Tensor& x, gspn::ScanInputs in,
-                                 bool u_per_direction, int64_t slots, int64_t tile, const Tensor& grad_final = Tensor(),
-                                 const Tensor& grad_initial = Tensor()) {
+                                 bool u_per_direction, int64_t slots, int64_t tile,
+                                 const Tensor& grad_final = Tensor(), const Tensor& grad_initial = Tensor()) {
   check_same(grad_y, x, "grad_output");
   check_shape(grad_y, x.sizes(), "grad_output");
   const auto f32 = x.options().dtype(at::kFloat);

@@ -55,10 +55,21 @@ struct ScanInputs {
   // Work split: one block per (channel tile, batch); ``tile`` channels per block, ``threads`` per block.
   int tile;
   int threads;
+  // Forward kernel: pack == 0 runs v1; pack >= 1 runs v2 with packs of `pack` channels per thread. The vector_*
+  // flags say which arrays allow one aligned vector load per pack (channel stride 1, aligned strides and pointer;
+  // gates: also one gate channel per channel); the others are read element by element within the pack.
+  int pack;
+  bool vector_x, vector_lam, vector_gate, vector_u;
+  // Fused forward where the scan is latency bound (v2 only): one block per (channel tile, batch, direction),
+  // gridDim.z = 4, so each block walks one direction instead of four; each writes its term merge_d * u_d * q_d
+  // (u_d = 1 when u is shared: factored out) in fp32 to plane d of ScanForwardOutputs::accum, and a merge kernel
+  // sums the planes in direction order (the fused kernel's order: bitwise the same y) and applies u and skip.
+  bool split_directions;
 };
 
 // Forward outputs. y and accum are contiguous (B, H, W, C). accum (fp32) carries the running sum of the
-// direction terms between the directions a block processes in turn; it may alias y when y is fp32.
+// direction terms between the directions a block processes in turn; it may alias y when y is fp32. With
+// split_directions it is (4, B, H, W, C), one plane per direction, and never aliases y.
 struct ScanForwardOutputs {
   void* y;
   float* accum;
@@ -99,6 +110,42 @@ inline size_t forward_shared_bytes(const ScanInputs& in) {
   return sizeof(float) * 2 * (in.normalize ? 2 : 1) * max_rows(in) * in.tile;
 }
 
+// Elements per thread per pass (all their loads issued before any use): the v1 forward, the backward's reverse
+// step (2 elements spill at the 128 registers of 512 threads, ptxas sm_90) and its recomputation of the lines.
+constexpr int kForwardUnroll = 4;
+constexpr int kBackwardUnroll = 1;
+constexpr int kRecomputeUnroll = 4;
+
+// Forward kernel v2 (gspn_forward_v2.cuh).
+constexpr int kV2MaxThreads = 512;  // __launch_bounds__ of forward_kernel_v2
+
+// Packs per thread per line, all held in registers with the next line's loads in flight: one 16-byte pack uses
+// the 128 registers a thread has at 512 threads (ptxas -v, sm_90; two spill), single channels fit two.
+GSPN_HOST_DEVICE constexpr int forward_v2_units(int pack) { return pack == 1 ? 2 : 1; }
+
+// Channels per pack: a 16-byte vector (8 bf16/fp16, 4 fp32) when the tile and the channel count allow, else 1.
+GSPN_HOST_DEVICE inline int pack_width(int64_t tile, int64_t channels, int64_t element_size) {
+  const int64_t full = 16 / element_size;
+  return (tile % full == 0 && channels % full == 0) ? static_cast<int>(full) : 1;
+}
+
+// Whether v2 takes this split: every pack of the longest line has a thread. Longer lines run v1, which streams
+// them (their steps move enough bytes to cover the load latency without prefetching).
+GSPN_HOST_DEVICE inline bool forward_v2_fits(const ScanInputs& in, int pack) {
+  return max_rows(in) * (in.tile / pack) <= static_cast<int64_t>(forward_v2_units(pack)) * kV2MaxThreads;
+}
+
+GSPN_HOST_DEVICE inline int64_t forward_v2_threads(const ScanInputs& in, int pack) {
+  const int64_t packs = max_rows(in) * (in.tile / pack);
+  const int64_t threads = (packs + forward_v2_units(pack) - 1) / forward_v2_units(pack);
+  return threads < 32 ? 32 : (threads + 31) / 32 * 32;
+}
+
+// Hidden (and normaliser) lines as in v1, then merge and skip of the tile.
+inline size_t forward_v2_shared_bytes(const ScanInputs& in) {
+  return forward_shared_bytes(in) + sizeof(float) * 2 * in.tile;
+}
+
 // Backward: the three adjoint contributions a line sends to its neighbours of the previous line (double-buffered,
 // also for the normaliser), plus one float per thread for the block reductions of the merge and skip gradients.
 inline size_t backward_shared_bytes(const ScanInputs& in) {
@@ -116,13 +163,14 @@ GSPN_HOST_DEVICE inline int64_t backward_scratch_floats_per_block(const ScanInpu
   return (in.normalize ? 2 : 1) * backward_scratch_lines(segment, num_segments) * max_rows(in) * in.tile;
 }
 
-// One instantiation per storage dtype (gspn_fp32.cu, gspn_fp16.cu, gspn_bf16.cu).
-void forward_fp32(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
-void forward_fp16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
-void forward_bf16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
-void backward_fp32(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
-void backward_fp16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
-void backward_bf16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
+// One instantiation per storage dtype (gspn_fp32.cu, gspn_fp16.cu, gspn_bf16.cu). They return the error of the
+// launch setup (the shared-memory attribute); the launch itself is checked by the caller.
+cudaError_t forward_fp32(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
+cudaError_t forward_fp16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
+cudaError_t forward_bf16(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream);
+cudaError_t backward_fp32(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
+cudaError_t backward_fp16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
+cudaError_t backward_bf16(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream);
 
 // Baseline for the benchmark only: the strategy of the paper's public kernel (one launch per scan line, hidden
 // state in global memory), reimplemented here with fp32 accumulation so that only the strategy differs.

@@ -1,11 +1,17 @@
-// GSPN line scan: forward and backward kernels (bodies only; gspn_<dtype>.cu instantiate them).
+// GSPN line scan: forward and backward kernels (bodies only; gspn_<dtype>.cu instantiate them). The forward has
+// two kernels: v2 (gspn_forward_v2.cuh: 16-byte packs of channels, the next line's loads in flight during the
+// current step) where a thread can hold its share of a line, and v1 (forward_kernel below) that streams longer
+// lines; gspn_ops.h's work split picks one (model in choose_work_split). Where the fused forward is latency bound
+// (small latents), v2 runs one block per direction (4x the blocks, a quarter of the serial steps) and a merge
+// pass sums the four fp32 direction planes in the fused order (bitwise the same y, deterministic).
 //
-// Thread mapping. One block per (channel tile, batch item) runs the directions of the call one after the other
-// (all four for the fused op). A step of a direction is one line across the scan axis: rows x tile channels,
-// element e = row * tile + lane, thread t owns e = t, t + threads, ... so a thread keeps one channel
-// (threads is a multiple of tile) and consecutive threads read consecutive channels of a pixel (coalesced in the
-// channels-last layout). The recurrence couples a row only to rows +-1 of the previous line of the same channel,
-// so a block needs the whole line of its channels and nothing of other blocks.
+// Thread mapping (v1 and the backward). One block per (channel tile, batch item) runs the directions of the call
+// one after the other (all four for the fused op). A step of a direction is one line across the scan axis: rows
+// x tile channels, element e = row * tile + lane, thread t owns e = t, t + threads, ... so a thread keeps one
+// channel (threads is a multiple of tile) and consecutive threads read consecutive channels of a pixel (whole
+// 32-byte sectors per pixel from 16 bf16 / 8 fp32 channels on). v2 maps a thread to a pack of V channels of one
+// pixel instead. The recurrence couples a row only to rows +-1 of the previous line of the same channel, so a
+// block needs the whole line of its channels and nothing of other blocks.
 //
 // Directions are strides and loop order: line s of direction d is image column s (or W-1-s) for the horizontal
 // scans and image row s (or H-1-s) for the vertical ones; nothing is transposed or flipped in memory.
@@ -14,23 +20,45 @@
 // four directions in turn, so the running sum of the direction terms belongs to that block alone. It lives in
 // an fp32 accumulator (the output itself when the output is fp32): the first direction writes it, the middle
 // ones read-modify-write it, the last one writes y in the storage dtype. Deterministic (fixed order, no
-// atomics), fp32 accumulation, one launch, and no separate merge or cast pass.
+// atomics), fp32 accumulation, one launch, and no separate merge or cast pass (except v2's direction split).
 //
-// Memory traffic of the forward per pixel and channel, bf16, shared u, G = C (what the processor runs): the
-// unavoidable minimum reads x, lam, the 12 gate logits, u and writes y: 32 bytes. This kernel reads x and lam
-// once per direction (16 B), each direction's 3 gates once (24 B), u once (2 B), and moves the fp32 running sum
-// (write 4 B, two read-modify-writes 16 B, read 4 B) and y (2 B): 68 bytes. So at full HBM speed it reaches
-// about 47% of peak by the issue's "minimum bytes" metric; the accumulator (24 B) and the x/lam re-reads (12 B)
-// are the price of keeping the hidden line on chip with a deterministic merge. Cheaper alternatives considered:
-// fp32 atomics of four direction blocks into one accumulator (more traffic: a miss per red, a cast pass, and
-// nondeterministic), a bf16 running sum (12 B less, but three extra roundings of y), one direction per block
-// with per-direction output planes (4x the memory of y, and a merge pass).
+// Memory traffic of the forward per pixel and channel, bf16, shared u, G = C (what the processor runs), both
+// kernels: the unavoidable minimum reads x, lam, the 12 gate logits, u and writes y: 32 bytes. These kernels
+// read x and lam once per direction (16 B), each direction's 3 gates once (24 B; none on the first line of a
+// chunk), u once (2 B), and move the fp32 running sum (write 4 B, two read-modify-writes 16 B, read 4 B) and y
+// (2 B): 68 bytes. Where the resident blocks' slices of x, lam and the running sum stay in L2 (50 MB on an H100:
+// latents up to about 64x64 at C = 640, batch 2) the re-reads hit L2 and DRAM sees about 36 bytes; at 1024x512
+// they do not. So at full HBM speed the forward reaches 47% (large latents) to ~90% (small ones) of peak by the
+// "minimum bytes" metric; the accumulator (24 B) and the x/lam re-reads (12 B) are the price of keeping the
+// hidden line on chip with a deterministic merge. Cheaper alternatives considered: fp32 atomics of four
+// direction blocks into one accumulator (more traffic: a miss per red, a cast pass, and nondeterministic), a
+// bf16 running sum (12 B less, but three extra roundings of y), one direction per block with per-direction
+// output planes (4x the memory of y, and a merge pass).
+//
+// Expected speed (a model, not measured: no GPU was available when v2 was written). Small latents are latency
+// bound: every block walks 4 x L steps, one after the other; v1 waits a DRAM round trip (~0.8 us) after every
+// step's barrier, and one more per pass of kForwardUnroll elements per thread; v2 issues every load of line s+1
+// while it computes line s, so a step costs at most one round trip. The direction split walks L steps instead
+// of 4 L for about 10 more bytes per pixel-channel (78 instead of 68: four fp32 planes written by the scan and
+// read by the merge, and x read again for the skip) and a second launch; at 64x64/C=640/B=2 bf16 the model
+// picks it (64 steps + a merge worth ~45 round trips of bandwidth, against 256 steps). Lines longer than 512
+// packs (v2 holds one 16-byte pack per thread at 124 registers; two spill) run v1. At 1024x512/C=640/B=2 bf16,
+// normalised, the model picks v1 with 8-channel tiles: 160 blocks of 128 KB of h/z lines, one per SM, so two
+// waves; the first moves ~18 MB per step (bandwidth bound, ~5.5 us at peak), the second is latency bound (4
+// passes per step): about 35 ms, short of issue 10's 20 ms. What would close it: single-buffered lines or a
+// line split over a thread block cluster (one wave), and cp.async/TMA staging so long lines prefetch without
+// registers.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
+
+#include <algorithm>
+#include <mutex>
+#include <set>
+#include <utility>
 
 #include "gspn_params.h"
 
@@ -310,6 +338,12 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
   }
 }
 
+}  // namespace gspn
+
+#include "gspn_forward_v2.cuh"
+
+namespace gspn {
+
 // ------------------------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------------------------
@@ -343,22 +377,35 @@ __device__ void recompute_line(const ScanInputs& in, const Lane& t, const Direct
   const bool start = !has_predecessor(in, g, s);
   const int64_t n = g.rows * in.tile;
   if (!t.active) return;
-  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-    const int64_t r = e >> t.tile_shift;
-    int64_t y, x;
-    image_pixel(g, line, r, y, x);
-    const float lv = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
-    float h = lv * load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
-    float z = lv;
-    if (!start) {
-      float logits[kNumGates];
-      load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logits);
-      const GateWeights w = gate_weights(logits, r, g.rows);
-      h += carried(w, h_prev, r, g.rows, in.tile, t.lane);
-      if (in.normalize) z += carried(w, z_prev, r, g.rows, in.tile, t.lane);
+  // kRecomputeUnroll elements per thread per pass: all their global loads are issued before any use.
+  for (int64_t e0 = threadIdx.x; e0 < n; e0 += kRecomputeUnroll * static_cast<int64_t>(blockDim.x)) {
+    float xv[kRecomputeUnroll], lv[kRecomputeUnroll], logits[kRecomputeUnroll][kNumGates];
+#pragma unroll
+    for (int i = 0; i < kRecomputeUnroll; ++i) {
+      const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
+      if (e >= n) continue;
+      const int64_t r = e >> t.tile_shift;
+      int64_t y, x;
+      image_pixel(g, line, r, y, x);
+      lv[i] = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
+      xv[i] = load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
+      if (!start) load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logits[i]);
     }
-    h_cur[e] = h;
-    if (in.normalize) z_cur[e] = z;
+#pragma unroll
+    for (int i = 0; i < kRecomputeUnroll; ++i) {
+      const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
+      if (e >= n) continue;
+      const int64_t r = e >> t.tile_shift;
+      float h = lv[i] * xv[i];
+      float z = lv[i];
+      if (!start) {
+        const GateWeights w = gate_weights(logits[i], r, g.rows);
+        h += carried(w, h_prev, r, g.rows, in.tile, t.lane);
+        if (in.normalize) z += carried(w, z_prev, r, g.rows, in.tile, t.lane);
+      }
+      h_cur[e] = h;
+      if (in.normalize) z_cur[e] = z;
+    }
   }
 }
 
@@ -446,119 +493,151 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
         float* out_h = contrib_h + (s & 1) * kNumGates * line_floats;  // read at step s - 1
         float* out_z = contrib_z + (s & 1) * kNumGates * line_floats;
 
-        for (int64_t e = threadIdx.x; t.active && e < n; e += blockDim.x) {
-          const int64_t r = e >> t.tile_shift;
-          int64_t y, x;
-          image_pixel(g, line, r, y, x);
-          const float xv = load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
-          const float lv = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
-          const float gy = load_float(gyp + offset4(a.grad_y_stride, t.b, y, x, t.c));
-          const int64_t u_off = t.b * in.u_stride[0] + y * in.u_stride[1] + x * in.u_stride[2] + d * in.u_stride[3] +
-                                t.c * in.u_stride[4];
-          const float uv = up != nullptr ? load_float(up + u_off) : 1.f;
-          const float h = hc[e];
-
-          // Gradients of this direction's term with respect to q, h, z, u and merge.
-          float q = h, dh = gy * merge_c * uv, dz = 0.f;
-          if (in.normalize) {
-            const float z = zc[e];
-            const float zclamped = fmaxf(z, in.eps);
-            q = h / zclamped;
-            dh = gy * merge_c * uv / zclamped;
-            dz = z >= in.eps ? -dh * q : 0.f;  // d(h / z)/dz = -(h / z) / z
-          }
-          merge_acc += gy * uv * q;
-
-          // Adjoint carried back from line s + 1: rows r + 1 (k = 0), r (k = 1), r - 1 (k = 2).
-          if (has_next) {
-            float ch = in_h[1 * line_floats + e];
-            float cz = in.normalize ? in_z[1 * line_floats + e] : 0.f;
-            if (r + 1 < g.rows) {
-              ch += in_h[0 * line_floats + e + tile];
-              if (in.normalize) cz += in_z[0 * line_floats + e + tile];
-            }
-            if (r > 0) {
-              ch += in_h[2 * line_floats + e - tile];
-              if (in.normalize) cz += in_z[2 * line_floats + e - tile];
-            }
-            dh += ch;
-            dz += cz;
-          }
-          if (a.grad_final != nullptr && s == g.length - 1) {  // the final state is h of the last line
-            dh += load_float(static_cast<const T*>(a.grad_final) + state_offset(a.grad_final_stride, t.b, r, t.c));
-          }
-
-          // Gates (and what this line sends back to line s - 1).
-          const int64_t gate_base =
-              ((((t.b * in.height + y) * in.width + x) * slots + slot) * kNumGates) * in.gate_channels + t.group;
-          if (!start) {
-            float logits[kNumGates];
-            load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logits);
-            const GateWeights w = gate_weights(logits, r, g.rows);
-            float gp[kNumGates];
-            float dot = 0.f;
+        // kBackwardUnroll elements per thread per pass: all their global loads are issued before any use (no
+        // element's stores touch another's loads: inputs are read only, the running sums are per element).
+        const int64_t per_pass = kBackwardUnroll * static_cast<int64_t>(blockDim.x);
+        for (int64_t e0 = threadIdx.x; t.active && e0 < n; e0 += per_pass) {
+          float xs[kBackwardUnroll], ls[kBackwardUnroll], gys[kBackwardUnroll], us[kBackwardUnroll];
+          float hs[kBackwardUnroll], zs[kBackwardUnroll], logit_s[kBackwardUnroll][kNumGates];
+          float axs[kBackwardUnroll], als[kBackwardUnroll], aus[kBackwardUnroll];
 #pragma unroll
-            for (int k = 0; k < kNumGates; ++k) {
-              gp[k] = 0.f;
-              if (gate_valid(k, r, g.rows)) {
-                const int64_t nb = e + (k - 1) * tile;
-                gp[k] = dh * hp[nb] + (in.normalize ? dz * zp[nb] : 0.f);
+          for (int i = 0; i < kBackwardUnroll; ++i) {
+            const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
+            if (e >= n) continue;
+            const int64_t r = e >> t.tile_shift;
+            int64_t y, x;
+            image_pixel(g, line, r, y, x);
+            xs[i] = load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
+            ls[i] = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
+            gys[i] = load_float(gyp + offset4(a.grad_y_stride, t.b, y, x, t.c));
+            us[i] = up != nullptr ? load_float(up + t.b * in.u_stride[0] + y * in.u_stride[1] + x * in.u_stride[2] +
+                                               d * in.u_stride[3] + t.c * in.u_stride[4])
+                                  : 1.f;
+            hs[i] = hc[e];
+            zs[i] = in.normalize ? zc[e] : 0.f;
+            if (!start) load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logit_s[i]);
+            if (!first) {
+              const int64_t idx = dense_index(in, t.b, y, x, t.c);
+              axs[i] = a.accum_x[idx];
+              als[i] = a.accum_lam[idx];
+              aus[i] = (up != nullptr && !a.u_per_direction) ? a.accum_u[idx] : 0.f;
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < kBackwardUnroll; ++i) {
+            const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
+            if (e >= n) continue;
+            const int64_t r = e >> t.tile_shift;
+            int64_t y, x;
+            image_pixel(g, line, r, y, x);
+            const float xv = xs[i];
+            const float lv = ls[i];
+            const float gy = gys[i];
+            const float uv = us[i];
+            const float h = hs[i];
+
+            // Gradients of this direction's term with respect to q, h, z, u and merge.
+            float q = h, dh = gy * merge_c * uv, dz = 0.f;
+            if (in.normalize) {
+              const float z = zs[i];
+              const float zclamped = fmaxf(z, in.eps);
+              q = h / zclamped;
+              dh = gy * merge_c * uv / zclamped;
+              dz = z >= in.eps ? -dh * q : 0.f;  // d(h / z)/dz = -(h / z) / z
+            }
+            merge_acc += gy * uv * q;
+
+            // Adjoint carried back from line s + 1: rows r + 1 (k = 0), r (k = 1), r - 1 (k = 2).
+            if (has_next) {
+              float ch = in_h[1 * line_floats + e];
+              float cz = in.normalize ? in_z[1 * line_floats + e] : 0.f;
+              if (r + 1 < g.rows) {
+                ch += in_h[0 * line_floats + e + tile];
+                if (in.normalize) cz += in_z[0 * line_floats + e + tile];
               }
-              dot += gp[k] * w.p[k];
-            }
-#pragma unroll
-            for (int k = 0; k < kNumGates; ++k) {
-              // p_k = sig_k / S over the valid k: dL/dsig_j = (gp_j - sum_k gp_k p_k) / S, zero when dropped.
-              const float dsig = gate_valid(k, r, g.rows) ? (gp[k] - dot) * w.inv_sum : 0.f;
-              const float dlogit = dsig * w.sig[k] * (1.f - w.sig[k]);
-              const int64_t gate_idx = gate_base + k * in.gate_channels;
-              if (shared_gates) {
-                if (dlogit != 0.f) atomicAdd(static_cast<float*>(a.grad_gate) + gate_idx, dlogit);
-              } else {
-                static_cast<T*>(a.grad_gate)[gate_idx] = store_value<T>(dlogit);
+              if (r > 0) {
+                ch += in_h[2 * line_floats + e - tile];
+                if (in.normalize) cz += in_z[2 * line_floats + e - tile];
               }
-              out_h[k * line_floats + e] = w.p[k] * dh;
-              if (in.normalize) out_z[k * line_floats + e] = w.p[k] * dz;
+              dh += ch;
+              dz += cz;
             }
-          } else {
-#pragma unroll
-            for (int k = 0; k < kNumGates; ++k) {
-              if (!shared_gates) static_cast<T*>(a.grad_gate)[gate_base + k * in.gate_channels] = store_value<T>(0.f);
-              out_h[k * line_floats + e] = 0.f;
-              if (in.normalize) out_z[k * line_floats + e] = 0.f;
+            if (a.grad_final != nullptr && s == g.length - 1) {  // the final state is h of the last line
+              dh += load_float(static_cast<const T*>(a.grad_final) + state_offset(a.grad_final_stride, t.b, r, t.c));
             }
-          }
 
-          // x, lam, u: sums over the directions in a block-private fp32 accumulator (fixed order).
-          const int64_t idx = dense_index(in, t.b, y, x, t.c);
-          float gx = dh * lv;
-          float glam = dh * xv + dz;
-          if (first) {
-            gx += skip_c * gy;
-            skip_acc += gy * xv;
-          } else {
-            gx += a.accum_x[idx];
-            glam += a.accum_lam[idx];
-          }
-          if (last) {
-            static_cast<T*>(a.grad_x)[idx] = store_value<T>(gx);
-            static_cast<T*>(a.grad_lam)[idx] = store_value<T>(glam);
-          } else {
-            a.accum_x[idx] = gx;
-            a.accum_lam[idx] = glam;
-          }
-          if (up != nullptr) {
-            const float gu = gy * merge_c * q;
-            if (a.u_per_direction) {
-              static_cast<T*>(
-                  a.grad_u)[(((t.b * in.height + y) * in.width + x) * kNumDirections + d) * in.channels + t.c] =
-                  store_value<T>(gu);
+            // Gates (and what this line sends back to line s - 1).
+            const int64_t gate_base =
+                ((((t.b * in.height + y) * in.width + x) * slots + slot) * kNumGates) * in.gate_channels + t.group;
+            if (!start) {
+              const GateWeights w = gate_weights(logit_s[i], r, g.rows);
+              float gp[kNumGates];
+              float dot = 0.f;
+#pragma unroll
+              for (int k = 0; k < kNumGates; ++k) {
+                gp[k] = 0.f;
+                if (gate_valid(k, r, g.rows)) {
+                  const int64_t nb = e + (k - 1) * tile;
+                  gp[k] = dh * hp[nb] + (in.normalize ? dz * zp[nb] : 0.f);
+                }
+                dot += gp[k] * w.p[k];
+              }
+#pragma unroll
+              for (int k = 0; k < kNumGates; ++k) {
+                // p_k = sig_k / S over the valid k: dL/dsig_j = (gp_j - sum_k gp_k p_k) / S, zero when dropped.
+                const float dsig = gate_valid(k, r, g.rows) ? (gp[k] - dot) * w.inv_sum : 0.f;
+                const float dlogit = dsig * w.sig[k] * (1.f - w.sig[k]);
+                const int64_t gate_idx = gate_base + k * in.gate_channels;
+                if (shared_gates) {
+                  if (dlogit != 0.f) atomicAdd(static_cast<float*>(a.grad_gate) + gate_idx, dlogit);
+                } else {
+                  static_cast<T*>(a.grad_gate)[gate_idx] = store_value<T>(dlogit);
+                }
+                out_h[k * line_floats + e] = w.p[k] * dh;
+                if (in.normalize) out_z[k * line_floats + e] = w.p[k] * dz;
+              }
             } else {
-              const float acc = first ? gu : a.accum_u[idx] + gu;
-              if (last) {
-                static_cast<T*>(a.grad_u)[idx] = store_value<T>(acc);
+#pragma unroll
+              for (int k = 0; k < kNumGates; ++k) {
+                if (!shared_gates) {
+                  static_cast<T*>(a.grad_gate)[gate_base + k * in.gate_channels] = store_value<T>(0.f);
+                }
+                out_h[k * line_floats + e] = 0.f;
+                if (in.normalize) out_z[k * line_floats + e] = 0.f;
+              }
+            }
+
+            // x, lam, u: sums over the directions in a block-private fp32 accumulator (fixed order).
+            const int64_t idx = dense_index(in, t.b, y, x, t.c);
+            float gx = dh * lv;
+            float glam = dh * xv + dz;
+            if (first) {
+              gx += skip_c * gy;
+              skip_acc += gy * xv;
+            } else {
+              gx += axs[i];
+              glam += als[i];
+            }
+            if (last) {
+              static_cast<T*>(a.grad_x)[idx] = store_value<T>(gx);
+              static_cast<T*>(a.grad_lam)[idx] = store_value<T>(glam);
+            } else {
+              a.accum_x[idx] = gx;
+              a.accum_lam[idx] = glam;
+            }
+            if (up != nullptr) {
+              const float gu = gy * merge_c * q;
+              if (a.u_per_direction) {
+                static_cast<T*>(
+                    a.grad_u)[(((t.b * in.height + y) * in.width + x) * kNumDirections + d) * in.channels + t.c] =
+                    store_value<T>(gu);
               } else {
-                a.accum_u[idx] = acc;
+                const float acc = first ? gu : aus[i] + gu;
+                if (last) {
+                  static_cast<T*>(a.grad_u)[idx] = store_value<T>(acc);
+                } else {
+                  a.accum_u[idx] = acc;
+                }
               }
             }
           }
@@ -606,26 +685,69 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
 // Launchers (the host emulation of csrc/emulation/ launches the same kernels its own way)
 // ------------------------------------------------------------------------------------------------------------
 
-constexpr int kForwardUnroll = 4;
+// The forward of the work split: the scan kernel (v2 with packs of in.pack channels, or v1) on a grid of
+// (channel tiles, batch, 4 directions when split), then the merge of the direction planes when split. Each
+// kernel goes to `launch(kernel, grid, threads, shared bytes)` (the CUDA launcher below, or the emulation's).
+template <typename T, typename Launch>
+cudaError_t dispatch_forward(const ScanInputs& in, Launch&& launch) {
+  constexpr int kPack = 16 / sizeof(T);
+  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch),
+                  in.split_directions ? kNumDirections : 1);
+  const size_t v2_shared = forward_v2_shared_bytes(in);
+  cudaError_t error;
+  if (in.pack == kPack) {
+    error = launch(forward_kernel_v2<T, kPack, forward_v2_units(kPack)>, grid, in.threads, v2_shared);
+  } else if (in.pack == 1) {
+    error = launch(forward_kernel_v2<T, 1, forward_v2_units(1)>, grid, in.threads, v2_shared);
+  } else {
+    error = launch(forward_kernel<T, kForwardUnroll>, grid, in.threads, forward_shared_bytes(in));
+  }
+  if (error != cudaSuccess || !in.split_directions) return error;
+  const int64_t elements = in.batch * in.height * in.width * in.channels;
+  const int64_t blocks = std::min<int64_t>((elements + kMergeThreads - 1) / kMergeThreads, 1 << 20);
+  return launch(merge_directions_kernel<T>, dim3(static_cast<unsigned>(blocks)), kMergeThreads, 0);
+}
 
 #ifndef GSPN_HOST_EMULATION
 
+// A kernel's dynamic shared-memory limit, raised to the device's opt-in maximum once per (kernel, device) rather
+// than per launch, with the error returned: on a GPU whose arch the build lacks, this is where "no kernel image"
+// shows up.
+template <typename Kernel>
+cudaError_t raise_shared_memory_limit(Kernel kernel) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> raised;
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  if (raised.count(key) != 0) return cudaSuccess;
+  int optin = 0;
+  error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error == cudaSuccess) error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  if (error == cudaSuccess) raised.insert(key);
+  return error;
+}
+
+// Launch errors are checked by the binding (C10_CUDA_KERNEL_LAUNCH_CHECK).
 template <typename T>
-void launch_forward(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
-  const size_t shared = forward_shared_bytes(in);
-  auto kernel = forward_kernel<T, kForwardUnroll>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-  kernel<<<grid, in.threads, shared, stream>>>(in, out);
+cudaError_t launch_forward(const ScanInputs& in, const ScanForwardOutputs& out, cudaStream_t stream) {
+  return dispatch_forward<T>(in, [&](auto kernel, dim3 grid, int threads, size_t shared) {
+    const cudaError_t error = raise_shared_memory_limit(kernel);
+    if (error == cudaSuccess) kernel<<<grid, threads, shared, stream>>>(in, out);
+    return error;
+  });
 }
 
 template <typename T>
-void launch_backward(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
-  const size_t shared = backward_shared_bytes(in);
+cudaError_t launch_backward(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
   auto kernel = backward_kernel<T>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-  kernel<<<grid, in.threads, shared, stream>>>(in, args);
+  const cudaError_t error = raise_shared_memory_limit(kernel);
+  if (error != cudaSuccess) return error;
+  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
+  kernel<<<grid, in.threads, backward_shared_bytes(in), stream>>>(in, args);
+  return cudaSuccess;
 }
 #endif  // GSPN_HOST_EMULATION
 

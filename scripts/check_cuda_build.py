@@ -39,6 +39,7 @@ def main() -> int:
         print(f"check_cuda_build: SKIPPED, torch {torch.__version__} is a CPU-only build (cannot compile CUDA).")
         return 0
     from gspn_diffusers.ops.cuda import EXPECTED_FUNCTIONS, build_emulation, build_extension, find_cuda_home
+    from gspn_diffusers.ops.cuda_build import arch_numbers
 
     cuda_home = find_cuda_home()
     if cuda_home is None:
@@ -53,14 +54,19 @@ def main() -> int:
     except Exception as error:  # noqa: BLE001 - report any build failure with its full compiler output
         print(f"check_cuda_build: FAILED to build the GSPN CUDA extension:\n{error}", file=sys.stderr)
         return 1
-    missing = [name for name in EXPECTED_FUNCTIONS if not hasattr(module, name)]
+    missing = [name for name in (*EXPECTED_FUNCTIONS, "compiled_archs") if not hasattr(module, name)]
     if missing:
         print(f"check_cuda_build: FAILED, the module lacks {', '.join(missing)}.", file=sys.stderr)
+        return 1
+    archs = [int(n) for n in arch_numbers(args.archs)]
+    if module.compiled_archs() != archs:
+        print(f"check_cuda_build: FAILED, compiled_archs() = {module.compiled_archs()}, built for {archs}.")
         return 1
     elapsed = time.perf_counter() - start
     print(
         f"check_cuda_build: OK, compiled and linked for sm {args.archs} with {os.environ['MAX_JOBS']} jobs in "
-        f"{elapsed:.0f} s (CUDA_HOME={cuda_home}); exports {', '.join(EXPECTED_FUNCTIONS)}."
+        f"{elapsed:.0f} s (CUDA_HOME={cuda_home}); exports {', '.join(EXPECTED_FUNCTIONS)}; "
+        f"compiled_archs() = {archs}."
     )
     # The same kernel source compiled for the host, run by tests/test_cuda_emulation.py against the reference.
     start = time.perf_counter()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from scan_blocks import chained_scan, reference_with_state, scan_axis, state_case
 
-from gspn_diffusers.ops import DIRECTIONS, gspn_scan_fused_reference, gspn_scan_reference
+from gspn_diffusers.ops import DIRECTIONS, cuda_build, gspn_scan_fused_reference, gspn_scan_reference
 from gspn_diffusers.ops.cuda import EMULATION_NAME
 
 BUILD = Path(__file__).resolve().parents[1] / "build" / "cuda_check" / "emulation"
@@ -110,8 +111,90 @@ def test_fused_variants(emu, variant):
 
 
 def test_more_elements_than_threads(emu):
-    """150 rows x 16 channels = 2400 elements per line for 512 threads: several unrolled passes per thread."""
+    """150 rows x 16 channels = 2400 elements per line for 512 threads: several unrolled passes per thread (v1, the
+    line is too long for v2's one pack per thread)."""
     check_fused(emu, fused_case(1, 150, 2, 16, 16), 7, True, tile=16)
+    assert emu.last_forward_split()["kernel"] == "v1"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("gates", ["per channel", "pairs"])
+def test_every_tile_width(emu, dtype, tile, gates):
+    """Every tile GSPN_DIFFUSERS_CUDA_TILE allows, forward and backward: 16-byte packs where the tile holds one
+    (v2, vector loads), single channels below (v2), gates per channel (vector) or shared by two channels."""
+    case = fused_case(1, 5, 7, 16, 16 if gates == "per channel" else 8, u_per_direction=False)
+    check_fused(emu, case, None, True, dtype=dtype, tile=tile)
+    split = emu.last_forward_split()
+    full = 16 // torch.tensor([], dtype=dtype).element_size()
+    assert split["kernel"] == "v2" and split["tile"] == tile
+    assert split["pack"] == (full if tile % full == 0 else 1)
+    assert split["vector_x"] and split["vector_u"] and split["vector_gate"] == (gates == "per channel")
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,kernel,pack",
+    [
+        ((2, 6, 5, 16), torch.bfloat16, "v2", 8),  # 16-byte packs of 8 channels
+        ((1, 4, 9, 24), torch.float32, "v2", 4),  # 16-byte packs of 4 channels; a partial last tile
+        ((1, 7, 3, 12), torch.bfloat16, "v2", 1),  # 12 channels: no 8-channel pack divides them
+        ((1, 1100, 1, 8), torch.bfloat16, "v1", 0),  # a 1100-row line: no v2 split holds it, v1 streams it
+    ],
+    ids=["bf16 packs", "fp32 packs", "single channels", "long line"],
+)
+def test_forward_kernel_choice(emu, shape, dtype, kernel, pack):
+    """The heuristic work split (no tile override) picks the kernel and pack expected; its forward matches the
+    reference (the gradients of both kernels' splits are covered above)."""
+    b, h, w, c = shape
+    case = {k: v.to(dtype) for k, v in fused_case(b, h, w, c, c).items()}
+    y = emu.fused_forward(*case.values(), 3, False, 1e-6, 0)
+    split = emu.last_forward_split()
+    expected = gspn_scan_fused_reference(*(v.double() for v in case.values()), chunk_size=3)
+    assert rel_error(y, expected) <= FWD_TOL[dtype]
+    assert (split["kernel"], split["pack"]) == (kernel, pack)
+
+
+@pytest.fixture
+def direction_split(emu):
+    """Set the fused forward's direction split (1: one block per direction, 0: never), back to the model after."""
+    yield emu.set_direction_split
+    emu.set_direction_split(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "variant", ["shared u, skip", "per-direction u, scalar merge, no skip", "shared gates, chunked, normalised"]
+)
+def test_direction_split_equals_the_fused_kernel(emu, direction_split, dtype, variant):
+    """One block per direction + the merge pass gives bitwise the y of one block walking all four (same order of
+    fp32 sums), and matches the reference; the gradients do not depend on it (the backward is shared)."""
+    if variant == "shared u, skip":
+        case, chunk, normalize = fused_case(2, 5, 7, 16, 16, u_per_direction=False), None, False
+    elif variant == "per-direction u, scalar merge, no skip":
+        case, chunk, normalize = fused_case(1, 6, 3, 8, 8, merge_per_channel=False, skip=False), None, True
+    else:
+        case, chunk, normalize = fused_case(2, 7, 5, 16, 4), 2, True
+    outputs = []
+    for mode in (1, 0):
+        direction_split(mode)
+        check_fused(emu, case, chunk, normalize, dtype=dtype)
+        assert emu.last_forward_split()["split_directions"] == (mode == 1)
+        inputs = [None if v is None else v.to(dtype) for v in case.values()]
+        outputs.append(emu.fused_forward(*inputs, chunk or 0, normalize, 1e-6, 0))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_direction_split_follows_the_model(emu):
+    """Latency-bound small latents split the directions over blocks; large ones do not (the merge pass and the
+    planes' traffic would cost more than the shorter walk saves)."""
+
+    def plan(h, w, c):
+        e = lambda *shape: torch.empty(1, dtype=torch.bfloat16).expand(*shape)  # noqa: E731 - no memory
+        return emu.plan_fused_forward(e(2, h, w, c), e(2, h, w, c), e(2, h, w, 4, 3, c), e(2, h, w, c), e(4, c))
+
+    assert plan(64, 64, 640)["split_directions"]
+    assert not plan(256, 256, 320)["split_directions"]
+    assert plan(1024, 512, 640)["kernel"] == "v1"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -147,22 +230,44 @@ def test_single_direction_matches_reference(emu, direction, chunk_size, tile):
         assert rel_error(got, leaf.grad) <= GRAD_TOL[torch.float32]
 
 
-def test_strided_views_are_read_in_place(emu):
-    """Channel slices, swapped H/W memory order and an expanded u give the same result as contiguous copies."""
-    case = fused_case(1, 5, 6, 8, 8, u_per_direction=False)
+def test_compiled_archs_follow_nvcc():
+    """The default arch list is what nvcc targets from sm_70 to sm_90 (CUDA 13 has no sm_70), sorted, and the binding
+    learns it through GSPN_COMPILED_ARCHS; the emulation module has no GPU code."""
+    assert cuda_build.default_archs({"7.5", "8.0", "9.0", "10.0"}) == "7.5;8.0;9.0"
+    assert cuda_build.default_archs({"7.0", "7.5", "8.0", "8.6", "8.9", "9.0"}) == "7.0;7.5;8.0;8.6;8.9;9.0"
+    cxx, nvcc = cuda_build.compile_flags("9.0;7.5;8.0")
+    assert "-DGSPN_COMPILED_ARCHS=75,80,90" in cxx
+    assert nvcc[-1] == "-gencode=arch=compute_90,code=compute_90"  # PTX of the newest, not of the last listed
+    available = cuda_build.nvcc_archs()
+    if available is not None:
+        assert set(cuda_build.default_archs().split(";")) <= available
+
+
+def test_emulation_exports_compiled_archs(emu):
+    assert emu.compiled_archs() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_views_are_read_in_place(emu, dtype):
+    """Channel slices (strided, or misaligned for a 16-byte load), swapped H/W memory order and an expanded u give
+    the same result as contiguous copies: the arrays a pack cannot load as one vector are read channel by channel."""
+    case = {k: v.to(dtype) for k, v in fused_case(1, 5, 6, 8, 8, u_per_direction=False).items()}
     gen = torch.Generator().manual_seed(4)
-    wide_x = rand(gen, 1, 5, 6, 16)
+    wide_x = rand(gen, 1, 5, 6, 16).to(dtype)
     wide_x[..., ::2] = case["x"]
     swapped_lam = case["lam"].transpose(1, 2).contiguous().transpose(1, 2)
-    wide_u = rand(gen, 1, 5, 6, 16)
+    wide_u = rand(gen, 1, 5, 6, 16).to(dtype)
     wide_u[..., 8:] = case["u"]
     u4 = wide_u[..., 8:].unsqueeze(3).expand(1, 5, 6, 4, 8)  # channel slice, stride 0 over the directions
-    strided = emu.fused_forward(
-        wide_x[..., ::2], swapped_lam, case["gates"], u4, case["merge"], case["skip"], 0, True, 1e-6, 0
-    )
-    dense = emu.fused_forward(
-        case["x"], case["lam"], case["gates"], case["u"], case["merge"], case["skip"], 0, True, 1e-6, 0
-    )
+    wide_gates = rand(gen, 1, 5, 6, 4, 3, 9).to(dtype)
+    wide_gates[..., 1:] = case["gates"]  # starts one element past a 16-byte boundary
+    args = (case["merge"], case["skip"], 0, True, 1e-6, 0)
+    strided = emu.fused_forward(wide_x[..., ::2], swapped_lam, wide_gates[..., 1:], u4, *args)
+    split = emu.last_forward_split()
+    assert split["kernel"] == "v2" and split["pack"] > 1 and not split["vector_x"] and not split["vector_gate"]
+    assert split["vector_lam"] and split["vector_u"]
+    dense = emu.fused_forward(case["x"], case["lam"], case["gates"], case["u"], *args)
+    assert emu.last_forward_split()["vector_x"] and emu.last_forward_split()["vector_gate"]
     torch.testing.assert_close(strided, dense, rtol=0, atol=0)
 
 
@@ -190,75 +295,6 @@ def test_bad_inputs_raise_clear_errors(emu):
 
 
 # ---- Carried state of the single-direction op ---------------------------------------------------------------
-
-
-def scan_axis(direction: str) -> int:
-    return 1 if direction in ("top_to_bottom", "bottom_to_top") else 2
-
-
-def blocks_in_scan_order(t: torch.Tensor, direction: str, cuts: list[int]) -> list[torch.Tensor]:
-    """Views of t between the image-coordinate cuts along the scan axis, in the order the scan visits them."""
-    axis = scan_axis(direction)
-    bounds = [0, *cuts, t.shape[axis]]
-    blocks = [t.narrow(axis, lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    return blocks[::-1] if direction in ("right_to_left", "bottom_to_top") else blocks
-
-
-def from_scan_order(blocks: list[torch.Tensor], direction: str) -> torch.Tensor:
-    ordered = blocks[::-1] if direction in ("right_to_left", "bottom_to_top") else blocks
-    return torch.cat(ordered, dim=scan_axis(direction))
-
-
-def chained_scan(emu, inputs, grad_h, direction, cuts, chunk, initial, grad_final, tile=0):
-    """The scan block by block with the carried state, forward then backward (last block first)."""
-    d = DIRECTIONS.index(direction)
-    per_block = list(zip(*(blocks_in_scan_order(t, direction, cuts) for t in (*inputs, grad_h)), strict=True))
-    outputs, initials, state = [], [], initial
-    for x, lam, gates, _ in per_block:
-        initials.append(state)
-        h, state = emu.scan_forward(x, lam, gates, d, chunk, state, True, tile=tile)
-        outputs.append(h)
-    final_state, grads, carry = state, [], grad_final
-    for (x, lam, gates, gh), init in zip(per_block[::-1], initials[::-1], strict=True):
-        *g, carry = emu.scan_backward(gh, x, lam, gates, d, chunk, init, carry, tile=tile)
-        grads.insert(0, g)
-    grads = [from_scan_order(list(g), direction) for g in zip(*grads, strict=True)]
-    return from_scan_order(outputs, direction), final_state, grads, carry
-
-
-def reference_with_state(inputs, grad_h, direction, chunk_size, initial, grad_final):
-    """The reference with the initial state as an extra first line in scan order (lam = 1, x = state, no
-    predecessor), so its gradient is the gradient of x on that line; the final state is the last line of h."""
-    x, lam, gates = (t.double().requires_grad_() for t in inputs)
-    state = initial.double().requires_grad_()
-    axis = scan_axis(direction)
-    line = state.unsqueeze(axis)
-    ones = torch.ones_like(line)
-    zeros = torch.zeros(*line.shape[:3], 3, gates.shape[-1], dtype=gates.dtype)
-    first = direction in ("left_to_right", "top_to_bottom")
-
-    def pair(extra, t):
-        return torch.cat([extra, t] if first else [t, extra], dim=axis)
-
-    h = gspn_scan_reference(pair(line, x), pair(ones, lam), pair(zeros, gates), direction, chunk_size)
-    h = h.narrow(axis, 1 if first else 0, x.shape[axis])
-    final = h.select(axis, x.shape[axis] - 1 if first else 0)
-    (h * grad_h.double()).sum().add((final * grad_final.double()).sum()).backward()
-    return h.detach(), final.detach(), [x.grad, lam.grad, gates.grad], state.grad
-
-
-def state_case(direction, dtype, seed=0):
-    b, h, w, c, g = 2, 5, 7, 6, 3
-    gen = torch.Generator().manual_seed(seed)
-    inputs = [
-        rand(gen, b, h, w, c),
-        rand(gen, b, h, w, c, low=0.1, high=1.0),
-        rand(gen, b, h, w, 3, g, low=-3, high=3),
-    ]
-    n_perp = w if scan_axis(direction) == 1 else h
-    initial = rand(gen, b, c, n_perp).transpose(1, 2)  # (B, n_perp, C), not contiguous
-    grad_h, grad_final = torch.randn(b, h, w, c, generator=gen), torch.randn(b, n_perp, c, generator=gen)
-    return [t.to(dtype) for t in inputs], grad_h.to(dtype), initial.to(dtype), grad_final.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -315,6 +351,21 @@ def test_carried_state_every_tile(emu, tile):
     )
     ref_h, ref_final, ref_grads, ref_initial = reference_with_state(
         inputs, grad_h, "bottom_to_top", None, initial, grad_final
+    )
+    assert rel_error(h, ref_h) <= FWD_TOL[torch.float32] and rel_error(final, ref_final) <= FWD_TOL[torch.float32]
+    for got, ref in zip([*grads, grad_initial], [*ref_grads, ref_initial], strict=True):
+        assert rel_error(got, ref) <= GRAD_TOL[torch.float32]
+
+
+def test_carried_state_on_the_v1_forward(emu):
+    """A 70-row line with a 16-channel tile is too long for v2: the v1 forward carries the state as well."""
+    inputs, grad_h, initial, grad_final = state_case("left_to_right", torch.float32, seed=3, shape=(1, 70, 4, 2, 1))
+    h, final, grads, grad_initial = chained_scan(
+        emu, inputs, grad_h, "left_to_right", [1], 0, initial, grad_final, tile=16
+    )
+    assert emu.last_forward_split()["kernel"] == "v1"
+    ref_h, ref_final, ref_grads, ref_initial = reference_with_state(
+        inputs, grad_h, "left_to_right", None, initial, grad_final
     )
     assert rel_error(h, ref_h) <= FWD_TOL[torch.float32] and rel_error(final, ref_final) <= FWD_TOL[torch.float32]
     for got, ref in zip([*grads, grad_initial], [*ref_grads, ref_initial], strict=True):

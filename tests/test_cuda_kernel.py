@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scan_blocks import chained_scan, reference_with_state, state_case
 
 from gspn_diffusers.ops import DIRECTIONS, gspn_scan, gspn_scan_fused, gspn_scan_fused_reference, gspn_scan_reference
 
@@ -145,6 +146,70 @@ def test_benchmark_baseline_matches_reference(kernel, direction):
 def test_large_channel_count(kernel, dtype):
     inputs = fused_inputs(2, 16, 24, 1280, dtype=dtype)
     check_against_reference(fused(kernel, None, True), fused_ref(None, True), inputs, FUSED_NAMES, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", [1, 2, 4, 8, 16])
+def test_every_tile_width(kernel, monkeypatch, dtype, tile):
+    """Every tile GSPN_DIFFUSERS_CUDA_TILE allows, forward and backward: a short line (kernel v2: 16-byte packs
+    from 8 bf16 / 4 fp32 channels per tile on, single channels below) and a 600-row one (v1 at the wide tiles)."""
+    monkeypatch.setenv(kernel.TILE_ENV, str(tile))
+    for shape in [(2, 33, 17, 24), (1, 600, 3, 16)]:
+        inputs = fused_inputs(*shape, g=shape[-1] // 2, dtype=dtype, u_per_direction=False)
+        check_against_reference(fused(kernel, None, True), fused_ref(None, True), inputs, FUSED_NAMES, dtype)
+
+
+def test_1024x512_bf16_forward_and_backward(kernel):
+    """The issue's large-latent scale (one line of 1024 rows: kernel v1 forward), what the processor runs."""
+    inputs = fused_inputs(1, 1024, 512, 64, dtype=torch.bfloat16, u_per_direction=False)
+    check_against_reference(fused(kernel, None, True), fused_ref(None, True), inputs, FUSED_NAMES, torch.bfloat16)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_each_direction_alone_at_scale(kernel, direction):
+    inputs = scan_inputs(1, 1024, 512, 16, g=8, dtype=torch.bfloat16)
+    check_against_reference(
+        lambda *a: kernel.kernel_scan(*a, direction, None),
+        lambda *a: gspn_scan_reference(*a, direction, None),
+        inputs,
+        SCAN_NAMES,
+        torch.bfloat16,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("shape,tile", [((2, 19, 23, 24, 8), 0), ((1, 300, 40, 16, 16), 16)], ids=["v2", "v1"])
+def test_carried_state_on_gpu(kernel, dtype, direction, shape, tile):
+    """The binding's carried state: blocks chained by scan_forward/scan_backward = the whole scan = the reference
+    (with the initial state as an extra first line), forward and every gradient, on both forward kernels."""
+    module = kernel.load_extension()
+    inputs, grad_h, initial, grad_final = state_case(direction, dtype, shape=shape, device="cuda")
+    h, final, grads, grad_initial = chained_scan(
+        module, inputs, grad_h, direction, [5, 11], 0, initial, grad_final, tile
+    )
+    d = DIRECTIONS.index(direction)
+    whole_h, whole_final = module.scan_forward(*inputs, d, 0, initial, True, tile=tile)
+    *whole_grads, whole_initial = module.scan_backward(grad_h, *inputs, d, 0, initial, grad_final, tile=tile)
+    expected = reference_with_state(inputs, grad_h, direction, None, initial, grad_final)
+    fwd, bwd = FWD_TOL[dtype], GRAD_TOL[dtype]
+    for got, whole, ref, tol in zip(
+        [h, final, *grads, grad_initial],
+        [whole_h, whole_final, *whole_grads, whole_initial],
+        [*expected[:2], *expected[2], expected[3]],
+        [fwd, fwd, bwd, bwd, bwd, bwd],
+        strict=True,
+    ):
+        assert got.dtype == dtype and got.shape == ref.shape
+        assert rel_error(got, ref) <= tol and rel_error(whole, ref) <= tol
+
+
+def test_compiled_archs_cover_this_gpu(kernel):
+    """The build says which SM versions it has machine code for; this GPU is one of them or newer (PTX)."""
+    archs = kernel.load_extension().compiled_archs()
+    major, minor = torch.cuda.get_device_capability()
+    assert archs and archs == sorted(archs)
+    assert 10 * major + minor in archs or 10 * major + minor > archs[-1]
 
 
 def test_non_contiguous_inputs(kernel):

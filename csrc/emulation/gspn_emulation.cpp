@@ -57,43 +57,66 @@ namespace {
 using at::Tensor;
 using namespace gspn_ops;
 
-// Runs kernel(params...) over a grid of (channel tiles, batch) blocks of `threads` threads.
+// Runs kernel(in, out) over `grid` (blocks one after another) of `threads` threads each.
 template <typename Kernel, typename Out>
-void launch(Kernel kernel, const gspn::ScanInputs& in, const Out& out, size_t shared_bytes) {
-  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
+void launch(Kernel kernel, const gspn::ScanInputs& in, const Out& out, dim3 grid, int threads, size_t shared_bytes) {
   std::vector<float> shared(shared_bytes / sizeof(float) + 1);
-  for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      std::barrier<> barrier(in.threads);
-      std::vector<std::thread> threads;
-      threads.reserve(in.threads);
-      for (int t = 0; t < in.threads; ++t) {
-        threads.emplace_back([&, t] {
-          gspn_emulation::thread_idx = uint3{static_cast<unsigned>(t), 0, 0};
-          gspn_emulation::block_idx = uint3{bx, by, 0};
-          gspn_emulation::block_dim = dim3(in.threads);
-          gspn_emulation::grid_dim = grid;
-          gspn_emulation::shared_memory = shared.data();
-          gspn_emulation::block_barrier = &barrier;
-          kernel(in, out);
-        });
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::barrier<> barrier(threads);
+        std::vector<std::thread> workers;
+        workers.reserve(threads);
+        for (int t = 0; t < threads; ++t) {
+          workers.emplace_back([&, t] {
+            gspn_emulation::thread_idx = uint3{static_cast<unsigned>(t), 0, 0};
+            gspn_emulation::block_idx = uint3{bx, by, bz};
+            gspn_emulation::block_dim = dim3(threads);
+            gspn_emulation::grid_dim = grid;
+            gspn_emulation::shared_memory = shared.data();
+            gspn_emulation::block_barrier = &barrier;
+            kernel(in, out);
+          });
+        }
+        for (auto& worker : workers) worker.join();
       }
-      for (auto& thread : threads) thread.join();
     }
   }
 }
 
 template <typename T>
 void forward_typed(const gspn::ScanInputs& in, const gspn::ScanForwardOutputs& out) {
-  launch(gspn::forward_kernel<T, gspn::kForwardUnroll>, in, out, gspn::forward_shared_bytes(in));
+  gspn::dispatch_forward<T>(in, [&](auto kernel, dim3 grid, int threads, size_t shared) {
+    launch(kernel, in, out, grid, threads, shared);
+    return cudaSuccess;
+  });
 }
 
 template <typename T>
 void backward_typed(const gspn::ScanInputs& in, const gspn::ScanBackwardArgs& args) {
-  launch(gspn::backward_kernel<T>, in, args, gspn::backward_shared_bytes(in));
+  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
+  launch(gspn::backward_kernel<T>, in, args, grid, in.threads, gspn::backward_shared_bytes(in));
+}
+
+// The work split of the last emulated forward, so tests can check which kernel (v1, v2 with which packs) ran.
+gspn::ScanInputs last_forward{};
+
+pybind11::dict describe_split(const gspn::ScanInputs& in) {
+  pybind11::dict split;
+  split["kernel"] = in.pack > 0 ? "v2" : "v1";
+  split["tile"] = in.tile;
+  split["threads"] = in.threads;
+  split["pack"] = in.pack;
+  split["vector_x"] = in.vector_x;
+  split["vector_lam"] = in.vector_lam;
+  split["vector_gate"] = in.vector_gate;
+  split["vector_u"] = in.vector_u;
+  split["split_directions"] = in.split_directions;
+  return split;
 }
 
 void emulated_forward(at::ScalarType dtype, const gspn::ScanInputs& in, const gspn::ScanForwardOutputs& out) {
+  last_forward = in;
   switch (dtype) {
     case at::kFloat: forward_typed<float>(in, out); break;
     case at::kHalf: forward_typed<__half>(in, out); break;
@@ -126,6 +149,29 @@ struct NoGuard {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Host emulation of the GSPN CUDA kernels (tests only; CPU tensors; slow).";
   define_ops<NoGuard>(m, kEmulated);
+  m.def(
+      "compiled_archs", [] { return std::vector<int>{}; },
+      "No GPU machine code: the kernels are compiled for the host (same interface as the CUDA module).");
+  m.def(
+      "last_forward_split", [] { return describe_split(last_forward); },
+      "Work split of the last forward (kernel 'v1' or 'v2', tile, threads, pack, vector loads per array).");
+  m.def(
+      "plan_fused_forward",
+      [](const Tensor& x, const Tensor& lam, const Tensor& gate, const Tensor& u, const Tensor& merge, int64_t tile) {
+        const FusedArgs f = check_fused(kEmulated, x, lam, gate, u, merge, std::nullopt);
+        gspn::ScanInputs in = make_inputs(x, lam, gate, f.u5, f.merge, f.skip, 0, 0, gspn::kNumDirections, true, 0);
+        choose_work_split(kEmulated, in, /*backward=*/false, tile, x.element_size());
+        set_vector_loads(in, x.element_size());
+        return describe_split(in);
+      },
+      "The fused forward's work split on the emulated H100 without running it (expanded inputs of any size).",
+      pybind11::arg("x"), pybind11::arg("lam"), pybind11::arg("gate_logits"), pybind11::arg("u"),
+      pybind11::arg("merge"), pybind11::arg("tile") = 0);
+  m.def(
+      "set_direction_split", [](int64_t mode) { direction_split_override = static_cast<int>(mode); },
+      "Tests: -1 lets the work-split model decide whether the fused forward runs one block per direction (default),"
+      " 0 never, 1 wherever kernel v2 runs.",
+      pybind11::arg("mode"));
   m.def(
       "set_shared_memory_per_block", [](int64_t bytes) { shared_per_block = static_cast<size_t>(bytes); },
       "Shared memory per block of the emulated device (default 227 KiB, an H100).", pybind11::arg("bytes"));
