@@ -77,3 +77,18 @@ def test_compiled_module_exports_the_expected_functions():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert all(callable(getattr(module, name, None)) for name in cuda.EXPECTED_FUNCTIONS)
+
+
+@pytest.mark.parametrize(
+    "sm,archs,covered",
+    [
+        (90, [75, 80, 86, 89, 90], True),
+        (87, [75, 80, 86, 89, 90], True),  # sm_86 machine code runs on sm_87
+        (100, [75, 80, 86, 89, 90], True),  # PTX of sm_90, compiled by the driver
+        (70, [75, 80, 86, 89, 90], False),  # V100: older than every arch in the build
+        (75, [80, 90], False),  # T4 against a build without sm_75
+        (86, [80], True),
+    ],
+)
+def test_arch_coverage_of_a_build(sm, archs, covered):
+    assert cuda.arch_covered(sm, archs) is covered

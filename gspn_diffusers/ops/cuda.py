@@ -63,14 +63,20 @@ def _tile() -> int:
 # ---- Policy ------------------------------------------------------------------------------------------------
 
 
+def arch_covered(sm: int, archs: list[int]) -> bool:
+    """Machine code for sm_XY runs on sm_XZ with Z >= Y; PTX of the newest arch is compiled by the driver for newer
+    GPUs."""
+    return any(a // 10 == sm // 10 and a <= sm for a in archs) or (bool(archs) and sm > max(archs))
+
+
 def _arch_covered(module: ModuleType, device: torch.device) -> bool:
-    """The build has machine code for this GPU, or PTX of an older arch that the driver compiles for it."""
+    """The build can run on this GPU; if not, one warning says how to rebuild (the reference runs meanwhile)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _arch_ok:
         archs = compiled_archs(module)
         major, minor = torch.cuda.get_device_capability(index)
         sm = 10 * major + minor
-        _arch_ok[index] = archs is None or sm in archs or (bool(archs) and sm > max(archs))
+        _arch_ok[index] = archs is None or arch_covered(sm, archs)
         if not _arch_ok[index]:
             warn_once(
                 f"arch{sm}",

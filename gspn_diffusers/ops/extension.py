@@ -29,7 +29,7 @@ EMULATION_NAME = "gspn_diffusers_cuda_emulation"
 EMULATION_BUILD_DIR = CSRC_DIR.parent / "build" / "cuda_check" / "emulation"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # What the ops call; the CUDA module also has the benchmark's per-line baseline.
-OP_FUNCTIONS = ("fused_forward", "fused_backward", "scan_forward", "scan_backward")
+OP_FUNCTIONS = ("fused_forward", "fused_backward", "scan_forward", "scan_backward", "compiled_archs")
 EXPECTED_FUNCTIONS = (*OP_FUNCTIONS, "baseline_scan")
 
 _modules: dict[str, ModuleType] = {}
