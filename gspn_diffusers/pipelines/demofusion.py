@@ -468,7 +468,8 @@ class DemoFusionMixin(StageDenoisingMixin):
                 latents = self.upsample_latents(latents, latent_size, upsample, tiled_vae)
                 timesteps = self.stage_timesteps(num_inference_steps, strengths[stage - 1], device)
                 logger.info(
-                    "Stage %d/%d %dx%d: %d of %d steps, %s (%s), %d views per UNet call, CFG %s",
+                    "Stage %d/%d %dx%d: %d of %d steps, %s (%s), up to %d views (windows, dilated sub-latents) "
+                    "per UNet call, CFG %s",
                     stage,
                     len(sizes) - 1,
                     stage_w,
