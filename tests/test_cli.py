@@ -161,7 +161,7 @@ def test_high_resolution_run_prints_no_empty_module_list_warning(capfd):
 def test_help_is_fast_and_imports_neither_torch_nor_diffusers():
     code = (
         "import sys, time; t = time.perf_counter(); from gspn_diffusers.cli import build_parser; "
-        "build_parser().format_help(); build_parser('generate'); "
+        "build_parser().format_help(); build_parser('generate'); build_parser('distill'); build_parser('evaluate'); "
         "print(time.perf_counter() - t, 'torch' in sys.modules, 'diffusers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -197,6 +197,7 @@ def test_import_graph_has_no_circles_and_no_library_module_imports_the_cli():
         parts = path.relative_to(root.parent).with_suffix("").parts
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     cli_modules = {"gspn_diffusers.cli", "gspn_diffusers.distill.cli", "gspn_diffusers.evaluation.cli"}
+    cli_modules |= {"gspn_diffusers.distill.args"}  # the trainer's flags
     entry_scripts = {"gspn_diffusers.distill.train"}  # `accelerate launch -m ...`: parses its own arguments
     for module, path in modules.items():
         imported = _imports(path, module, top_level_only=False)
@@ -237,3 +238,13 @@ def test_a_failed_image_save_leaves_the_previous_file_and_no_partial_one(tmp_pat
     with pytest.raises(OSError, match="disk full"):
         save_image(FailingImage(), tmp_path / "a.png")
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"] and (tmp_path / "a.png").read_bytes() == b"previous"
+
+
+def test_distill_flag_choices_are_the_library_s():
+    """The trainer's choices are listed without importing torch or Diffusers; they must stay the library's."""
+    from diffusers.optimization import SchedulerType
+
+    from gspn_diffusers.distill import args, losses
+
+    assert sorted(args.LR_SCHEDULERS) == sorted(t.value for t in SchedulerType)
+    assert (args.FEATURE_LOSSES, args.FEATURE_REDUCTIONS) == (losses.FEATURE_LOSSES, losses.FEATURE_REDUCTIONS)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from gspn_diffusers import GSPNConfig, convert, gspn_parameters, load_gspn, save_gspn
 from gspn_diffusers.cli import main as cli_main
+from gspn_diffusers.distill.args import parse_args
 from gspn_diffusers.distill.conditioning import drop_captions, prepare_inputs, sdxl_time_ids, text_conditioning
 from gspn_diffusers.distill.data import (
     DatasetLayoutError,
@@ -36,7 +37,7 @@ from gspn_diffusers.distill.data import (
     find_records,
 )
 from gspn_diffusers.distill.losses import FeatureRecorder, LossWeights, diffusion_target, distillation_losses
-from gspn_diffusers.distill.train import main, parse_args
+from gspn_diffusers.distill.train import main
 from gspn_diffusers.serialization import WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
 

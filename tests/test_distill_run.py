@@ -19,6 +19,7 @@ from test_distill import _free_port, data_flags, train_argv, write_files
 
 from gspn_diffusers import GSPNConfig, convert, load_gspn
 from gspn_diffusers.cli import main as cli_main
+from gspn_diffusers.distill.args import parse_args
 from gspn_diffusers.distill.cache import COMPLETE_MARKER as CACHE_COMPLETE
 from gspn_diffusers.distill.checkpoints import (
     INCOMPLETE_PREFIX,
@@ -30,7 +31,7 @@ from gspn_diffusers.distill.checkpoints import (
 from gspn_diffusers.distill.conditioning import encode_text, latent_moments, prepare_inputs
 from gspn_diffusers.distill.data import ImageCaptionDataset, find_records
 from gspn_diffusers.distill.losses import FeatureRecorder, LossWeights, distillation_losses
-from gspn_diffusers.distill.train import check_args, main, parse_args
+from gspn_diffusers.distill.train import check_args, main
 from gspn_diffusers.serialization import WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from .train import add_distill_args, main
+from .args import add_distill_args
 
 
 def run_distill(args: argparse.Namespace) -> None:
+    from .train import main  # torch, Accelerate and Diffusers load only to run, not for --help
+
     main(args)
 
 

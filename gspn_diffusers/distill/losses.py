@@ -24,6 +24,7 @@ from ..convert import self_attention_layers
 
 FEATURE_LOSSES = ("attn1", "blocks")
 FEATURE_REDUCTIONS = ("mean", "sum")
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
