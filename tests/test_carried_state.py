@@ -136,3 +136,25 @@ def test_wrong_initial_state_shape_says_what_to_pass():
     x, lam, gates = make_inputs()
     with pytest.raises(ValueError, match=r"initial_state .* must be \(B, n_perp, C\) = \(2, 6, 4\)"):
         gspn_scan(x, lam, gates, "left_to_right", initial_state=torch.zeros(2, 7, 4, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_an_empty_block_passes_the_state_through(direction):
+    """A block of no lines (here a repeated cut) is valid: its final state is its initial state, gradients too."""
+    x, lam, gates = make_inputs()
+    leaves = [t.clone().requires_grad_() for t in (x, lam, gates)]
+    axis, state, pieces = scan_axis(direction), None, []
+    for block in blocks_in_scan_order(x.shape[scan_axis(direction)], [3, 3], direction):
+        index = (slice(None),) * axis + (block,)
+        h, state = gspn_scan(*(t[index] for t in leaves), direction, initial_state=state, return_final_state=True)
+        pieces.append(h)
+    reversed_scan = direction in ("right_to_left", "bottom_to_top")
+    chained, final = torch.cat(pieces[::-1] if reversed_scan else pieces, dim=axis), state
+    whole = gspn_scan(x, lam, gates, direction)
+    torch.testing.assert_close(chained, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final, last_line(whole, direction), rtol=1e-12, atol=1e-12)
+    chained.sum().backward()
+    expected = [t.clone().requires_grad_() for t in (x, lam, gates)]
+    gspn_scan(*expected, direction).sum().backward()
+    for got, want in zip(leaves, expected, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)

@@ -149,7 +149,7 @@ def propagate(
         carried = torch.where(starts[:, j, None, None], torch.zeros_like(carried), carried)
         previous = source[:, :, j] + carried
         lines.append(previous)
-    return torch.stack(lines, dim=2)
+    return torch.stack(lines, dim=2) if lines else torch.empty_like(source)  # an empty scan axis: nothing to scan
 
 
 def gspn_scan_reference(
@@ -187,8 +187,8 @@ def gspn_scan_reference(
         return out
     if h.shape[2] > 0:
         final = h[:, :, -1]
-    else:  # an empty block passes the state through
-        final = initial if carried else h.new_zeros(h.shape[0], h.shape[1], h.shape[3])
+    else:  # an empty block passes the state through (a copy: the caller's state is not returned as the output)
+        final = initial.clone() if carried else h.new_zeros(h.shape[0], h.shape[1], h.shape[3])
     return out, final.to(x.dtype)
 
 
