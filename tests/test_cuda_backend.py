@@ -92,3 +92,21 @@ def test_compiled_module_exports_the_expected_functions():
 )
 def test_arch_coverage_of_a_build(sm, archs, covered):
     assert cuda.arch_covered(sm, archs) is covered
+
+
+def test_reference_fallback_of_an_empty_block_returns_a_new_state(monkeypatch, fresh_loader):
+    """An empty block passes the carried state through; run by the reference inside the custom op (here: no
+    emulation build), its final state and the state's gradient must be new tensors, not the inputs (custom ops
+    may not return an input)."""
+    monkeypatch.setitem(extension._errors, "emulation", "not built in this test")
+    monkeypatch.setenv("GSPN_DIFFUSERS_BACKEND", "emulation")
+    x, lam = torch.zeros(1, 3, 0, 2), torch.zeros(1, 3, 0, 2)
+    gates = torch.zeros(1, 3, 0, 3, 2)
+    state = torch.randn(1, 3, 2, requires_grad=True)
+    with pytest.warns(UserWarning, match="not available"):
+        h, final = cuda.kernel_scan(x, lam, gates, "left_to_right", initial_state=state, return_final_state=True)
+    assert h.shape == x.shape and final is not state
+    torch.testing.assert_close(final, state)
+    grad = torch.randn(1, 3, 2)
+    final.backward(grad)
+    torch.testing.assert_close(state.grad, grad)

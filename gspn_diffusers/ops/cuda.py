@@ -189,7 +189,14 @@ def _reference_grads(
     cotangents = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outputs, grad_outputs,
                                                                                           strict=True))
     grads = iter(vjp(cotangents if len(cotangents) > 1 else cotangents[0]))
-    return [None if t is None else next(grads) for t in inputs]
+    # A gradient that passes a cotangent through (an empty block's state) would alias an input of the backward op.
+    given = {g.untyped_storage().data_ptr() for g in grad_outputs if g is not None}
+    return [None if t is None else _unaliased(next(grads), given) for t in inputs]
+
+
+def _unaliased(t: torch.Tensor, storages: set[int]) -> torch.Tensor:
+    """``t``, or a copy where it shares storage with one of ``storages`` (custom ops may not return their inputs)."""
+    return t.clone() if t.untyped_storage().data_ptr() in storages else t
 
 
 def _absent(x: torch.Tensor) -> torch.Tensor:
