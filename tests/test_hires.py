@@ -17,7 +17,7 @@ from PIL import Image
 import gspn_diffusers
 from gspn_diffusers.cli import main
 from gspn_diffusers.pipelines import GSPNDemoFusionPipeline, GSPNDemoFusionSDXLPipeline
-from gspn_diffusers.pipelines.budget import largest_view_batch, memory_budget
+from gspn_diffusers.pipelines.budget import gspn_backend_for, largest_view_batch, memory_budget
 from gspn_diffusers.pipelines.memory import estimate_stage_peak, peak_activation_bytes
 from gspn_diffusers.pipelines.stages import (
     base_size,
@@ -513,6 +513,18 @@ def test_auto_mode_takes_the_whole_latent_with_gspn_where_it_fits():
     assert choose_local_denoising("whole", False, lambda: 1 / 0, budget=1) == ("whole", "requested")
     assert memory_budget(torch.device("cpu"), None) is None
     assert memory_budget(torch.device("cpu"), 123) == 123
+
+
+def test_stage_memory_is_planned_for_the_reference_where_the_kernel_did_not_build(monkeypatch):
+    """A CUDA device whose kernel build failed runs the reference (7x the kernel's bytes per GSPN layer): the stages
+    must be planned for it, not for the kernel."""
+    from gspn_diffusers.ops import extension
+
+    monkeypatch.delenv("GSPN_DIFFUSERS_BACKEND", raising=False)
+    monkeypatch.setattr(extension, "_modules", {})
+    monkeypatch.setattr(extension, "_errors", {"cuda": "OSError: no nvcc"})
+    assert gspn_backend_for(torch.device("cuda")) == "reference"
+    assert gspn_backend_for(torch.device("cpu")) == "reference"
 
 
 def test_view_batch_is_the_most_windows_that_fit():

@@ -69,7 +69,7 @@ def arch_covered(sm: int, archs: list[int]) -> bool:
     return any(a // 10 == sm // 10 and a <= sm for a in archs) or (bool(archs) and sm > max(archs))
 
 
-def _arch_covered(module: ModuleType, device: torch.device) -> bool:
+def arch_covered_on(module: ModuleType, device: torch.device) -> bool:
     """The build can run on this GPU; if not, one warning says how to rebuild (the reference runs meanwhile)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _arch_ok:
@@ -125,7 +125,7 @@ def kernel_for(
             f"{', '.join(mixed)}); running the PyTorch reference. Cast them to one dtype before the op.",
         )
         return None
-    if x.is_cuda and not _arch_covered(module, x.device):
+    if x.is_cuda and not arch_covered_on(module, x.device):
         return None
     if verify and x.is_cuda and not _verified(module, x, fused, normalize, chunk):
         return None

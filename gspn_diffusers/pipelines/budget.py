@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..ops.backend import requested_backend, resolve_backend
+from ..ops import cuda as compiled
+from ..ops.backend import requested_backend
 
 # The share of the free memory a stage may plan to use: the rest covers cuBLAS/cuDNN workspaces and allocator
 # fragmentation, which the meta-device estimate does not count.
@@ -20,11 +21,16 @@ MAX_VIEW_BATCH_SIZE = 16
 
 
 def gspn_backend_for(device: torch.device) -> str:
-    """``"kernel"`` where GSPN will run the CUDA kernel (a CUDA device, kernel built or buildable), else
-    ``"reference"``: the two differ in memory by the reference's fp32 copies of the gates."""
-    if device.type != "cuda" or requested_backend() == "reference":
+    """``"kernel"`` where GSPN will run the CUDA kernel, else ``"reference"``: the two differ in memory by the
+    reference's fp32 copies of the gates, so a stage planned for the kernel while the reference runs may not fit.
+
+    The kernel runs on a CUDA device whose extension loaded (built on first use, as the base stage's GSPN calls
+    already did) and whose build covers the GPU's arch; a failed build or a missing arch runs the reference.
+    """
+    if device.type != "cuda" or requested_backend() not in ("auto", "cuda"):
         return "reference"
-    return "kernel" if resolve_backend(torch.empty(0, device=device)).name == "cuda" else "reference"
+    module = compiled.load_extension()
+    return "kernel" if module is not None and compiled.arch_covered_on(module, device) else "reference"
 
 
 def memory_budget(device: torch.device, max_memory: int | None) -> float | None:
