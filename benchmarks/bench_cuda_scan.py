@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -272,27 +271,32 @@ def run_shape(ext, channels, gates, height, width, dtype, args, state: dict) -> 
     return row
 
 
-def tile_sweep(tiles: list[int], shapes: list[str], dtype: torch.dtype, args, write) -> list[dict]:
-    """Fused forward per GSPN_DIFFUSERS_CUDA_TILE value (0 = the kernel's own choice); ``write(rows)`` after each."""
-    from gspn_diffusers.ops.cuda import TILE_ENV
+def forward_at_tile(ext, inputs, tile: int):
+    """One call of the extension's fused forward (normalised, global scan) with the tile forced (0: its choice)."""
+    return lambda: ext.fused_forward(*inputs, 0, True, 1e-6, tile)
 
+
+def tile_sweep(ext, tiles: list[int], shapes: list[str], dtype: torch.dtype, args, write) -> list[dict]:
+    """Fused forward per GSPN_DIFFUSERS_CUDA_TILE value (0 = the kernel's own choice); ``write(rows)`` after each.
+
+    The extension is called directly with the tile (what the op passes from the variable): through the op, a tile
+    whose line does not fit in shared memory would run the PyTorch reference and be timed as the kernel.
+    """
     rows: list[dict] = []
     for text in shapes:
         channels, height, width = parse_shape(text)
         inputs = make_inputs(args.batch, channels, channels, height, width, dtype)
         sizes = bytes_moved(args.batch, channels, channels, height, width, inputs[0].element_size())
         for tile in tiles:
-            os.environ[TILE_ENV] = str(tile)
             row = {"channels": channels, "gate_channels": channels, "latent": f"{height}x{width}", "tile": tile}
             try:
-                row["kernel_forward_ms"] = kernel_forward_ms(inputs, args)
+                row["kernel_forward_ms"] = adaptive_time(forward_at_tile(ext, inputs, tile), args.warmup, args.repeats)
                 row["kernel_forward_pct_peak"] = 100 * sizes["forward"] / row["kernel_forward_ms"] / 1e6 / args.peak
             except RuntimeError as error:
                 row["error"] = str(error).splitlines()[0]
             rows.append(row)
             print(json.dumps(row), flush=True)
             write(rows)
-        os.environ.pop(TILE_ENV, None)
         inputs = None  # free this shape's inputs before the next
         torch.cuda.empty_cache()
     return rows
@@ -410,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         def write(rows: list[dict]) -> None:
             (args.out / "cuda_tiles.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
-        tile_sweep(args.tiles, args.tile_shapes, dtype, args, write)
+        tile_sweep(ext, args.tiles, args.tile_shapes, dtype, args, write)
         print(f"wrote {args.out / 'cuda_tiles.json'}")
         return
     rows: list[dict] = []

@@ -107,3 +107,30 @@ def test_gpu_check_writes_a_summary_when_out_of_time(tmp_path):
     assert summary["git_commit"] == "given-commit" or len(summary["git_commit"]) == 40
     assert summary["torch"] == torch.__version__
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.log", "summary.json"]
+
+
+def test_tile_sweep_times_the_kernel_itself_at_each_tile():
+    """The sweep calls the binding directly (no reference fallback inside the op), with the op's argument order: on
+    the host emulation it matches the fused reference at every tile, and a tile the kernel refuses raises."""
+    from gspn_diffusers.ops import cuda, extension, gspn_scan_fused_reference
+
+    if cuda.find_cuda_home() is None:
+        pytest.skip("the emulation needs the CUDA headers (nvcc's toolkit), which this machine lacks")
+    module = extension.load_emulation()
+    assert module is not None, extension.load_error("emulation")
+    bench = load_benchmark("bench_cuda_scan")
+    gen = torch.Generator().manual_seed(0)
+    b, h, w, c = 1, 5, 6, 16
+    inputs = (
+        torch.randn(b, h, w, c, generator=gen),
+        torch.rand(b, h, w, c, generator=gen) + 0.1,
+        torch.randn(b, h, w, 4, 3, c, generator=gen),
+        torch.rand(b, h, w, c, generator=gen),
+        torch.rand(4, c, generator=gen),
+        torch.rand(c, generator=gen),
+    )
+    expected = gspn_scan_fused_reference(*inputs, None, True)
+    for tile in (0, 1, 4, 16):
+        torch.testing.assert_close(bench.forward_at_tile(module, inputs, tile)(), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="power of two"):
+        bench.forward_at_tile(module, inputs, 3)()
