@@ -7,7 +7,8 @@ Writes a folder of JPEG images with captions (``--image_size`` px, so decoding a
 what they cost on real data), then runs the trainer (``gspn_diffusers.distill.train.main``) for
 ``--steps`` optimizer steps, ``--repeats`` times per mode, and reports the median images/s of the
 training loop (the trainer's own measure: checkpointing and validation excluded; with the cache,
-building it once is reported separately as ``cache_build_s``). Writes ``distill.json`` under --out.
+the run that builds it is not counted; its wall time is ``cache_build_run_wall_s``). Writes ``distill.json``
+under --out.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def main_bench(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--workers", type=int, default=0, help="DataLoader workers (the trainer's default: min(4, CPUs))."
+        "--workers", type=int, default=0, help="DataLoader workers (0: in the main process; the trainer's own default "
+        "is min(4, CPUs))."
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
