@@ -190,3 +190,21 @@ def test_torch_compile_fullgraph_through_a_converted_unet(use_emulation):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for got, expected in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused,normalize,chunk_size", [(True, True, None), (True, False, 3), (False, False, None)])
+def test_self_check_passes_on_the_emulated_kernel(use_emulation, fused, normalize, chunk_size):
+    """The auto policy's self-check (run once per dtype and mode on a GPU), here against the emulated kernels;
+    the single-direction case includes the carried state that line-block inference uses."""
+    assert cuda.self_check(torch.device("cpu"), torch.float32, fused, normalize, chunk_size) == ""
+
+
+def test_self_check_reports_a_wrong_carried_state(use_emulation, monkeypatch):
+    """A reference whose final state is off by 1 % must fail the check: the state is compared, not ignored."""
+
+    def off_final_state(*args, **kwargs):
+        h, final = gspn_scan_reference(*args, **kwargs)
+        return h, final * 1.01
+
+    monkeypatch.setattr(cuda, "gspn_scan_reference", off_final_state)
+    assert "output and final state differs" in cuda.self_check(torch.device("cpu"), torch.float32, False, False, None)
