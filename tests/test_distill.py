@@ -395,6 +395,26 @@ def test_caption_lists_and_missing_captions(tmp_path, caplog):
     assert picked == {"one", "two"}
 
 
+def test_data_workers_see_every_new_epoch(tmp_path):
+    """Augmentation is drawn per (seed, epoch, index) inside the workers: each epoch's set_epoch must reach them."""
+    import argparse
+
+    from gspn_diffusers.distill.train import _dataloader
+
+    sample_images()[0][0].save(tmp_path / "a.png")
+    captions = [f"caption {i}" for i in range(8)]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": captions}) + "\n")
+    dataset = ImageCaptionDataset(find_records(train_data_dir=str(tmp_path)), RESOLUTION)
+    args = argparse.Namespace(dataloader_num_workers=1, train_batch_size=1, seed=0)
+    loader = _dataloader(args, dataset, collate)
+    picked = []
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        picked += [batch["captions"][0] for batch in loader]
+    assert picked == [dataset.set_epoch(epoch) or dataset[0]["caption"] for epoch in range(4)]
+    assert len(set(picked)) > 1
+
+
 def test_images_without_caption_are_counted_in_every_layout(tmp_path, caplog):
     shards = write_webdataset(tmp_path / "shards")
     with tarfile.open(shards / "00000.tar", "a") as tar:  # an image with neither .txt nor .json

@@ -66,7 +66,7 @@ def test_entry_script_trains_two_steps_and_refuses_a_used_output_dir(tmp_path):
     data = write_files(tmp_path / "data")
     argv = train_argv(tmp_path / "out", "sd15", "--train_data_dir", str(data), "--max_train_steps", "2")
     i = argv.index("--dataloader_num_workers")
-    del argv[i : i + 2]  # the default: min(4, CPUs) persistent workers
+    del argv[i : i + 2]  # the default: min(4, CPUs) workers
     command = [sys.executable, str(REPO / "distill" / "train_gspn_distill.py"), *argv, "--checkpointing_steps", "1"]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

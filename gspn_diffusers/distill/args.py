@@ -106,7 +106,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
         "dataloader_num_workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
-        help="DataLoader worker processes (default min(4, CPUs); persistent, with pinned memory on GPUs).",
+        help="DataLoader worker processes (default min(4, CPUs); pinned memory on GPUs).",
     )
     _flag(
         data,

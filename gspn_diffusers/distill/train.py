@@ -224,7 +224,9 @@ def _dataloader(
         collate_fn=collate_fn,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
+        # Not persistent: workers hold their own copy of the dataset, so only workers started after
+        # set_epoch draw that epoch's crops, flips and captions (persistent ones repeat epoch 0's forever).
+        persistent_workers=False,
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
         # (whose RNG state Accelerate restores) would see different noise than the uninterrupted one.
         generator=torch.Generator().manual_seed(args.seed or 0),
