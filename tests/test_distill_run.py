@@ -136,10 +136,17 @@ def test_output_dir_of_another_run_is_refused_before_any_model_loads(tmp_path, c
         (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
         (["--dataloader_num_workers", "-1"], "must not be negative"),
         (["--ema_decay", "1.5"], "--ema_decay"),
-        (["--gspn_weights", str(Path(__file__).parent)], "not a folder written by save_gspn"),
+        (["--gspn_weights", str(Path(__file__).parent)], "gspn_config.json is missing"),
+        (["--gspn_weights", "no_such_weights"], "'no_such_weights' does not exist"),
+        (["--gspn_weights", "JUNK_CONFIG"], "gspn_config.json is not valid JSON"),
     ],
 )
 def test_bad_arguments_are_refused_before_loading(tmp_path, flags, message):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "gspn_config.json").write_text("{not json")
+    (junk / "gspn_weights.safetensors").write_bytes(b"")
+    flags = [str(junk) if flag == "JUNK_CONFIG" else flag for flag in flags]
     args = parse_args([*train_argv(tmp_path / "out", "sd15", "--train_data_dir", "x"), *flags])
     with pytest.raises(ValueError, match=message):
         check_args(args)

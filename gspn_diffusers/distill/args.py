@@ -180,5 +180,3 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Distill the GSPN modules of a converted UNet from the original.")
     add_distill_args(parser)
     return parser.parse_args(argv)
-
-

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from ..config import GSPNConfig
 from ..convert import convert, get_unet, gspn_config_of, gspn_parameters
 from ..loading import DTYPES, load_pipeline, native_size
-from ..serialization import CONFIG_NAME, load_gspn, save_gspn
+from ..serialization import check_gspn, load_gspn, save_gspn
 from .args import parse_args
 from .cache import CachedLatents, build_latent_cache, cache_key, collate_cached
 from .checkpoints import check_output_dir, checkpoint_step, clear_output_dir, resolve_resume, save_checkpoint
@@ -61,6 +61,8 @@ LOSS_TERMS = ("loss", "target", "teacher", "feature")
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # bad input: reported as one line, no traceback
 GSPN_SUBFOLDER = "gspn"
 EMA_SUBFOLDER = "gspn_ema"
+
+
 @dataclass
 class DistillResult:
     """What a run leaves in memory: the pipeline with the trained student (EMA weights if ``--use_ema``)."""
@@ -298,13 +300,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.model is not None and _looks_local(args.model) and not Path(args.model).expanduser().exists():
         raise FileNotFoundError(f"--model {args.model!r} does not exist; pass a Diffusers folder or a hub name.")
     if args.gspn_weights is not None:
-        weights = Path(args.gspn_weights).expanduser()
-        if weights.is_file() or (weights.is_dir() and not (weights / CONFIG_NAME).is_file()):
-            raise ValueError(
-                f"--gspn_weights {args.gspn_weights!r} is not a folder written by save_gspn (no {CONFIG_NAME})."
-            )
-        if _looks_local(args.gspn_weights) and not weights.exists():
-            raise FileNotFoundError(f"--gspn_weights {args.gspn_weights!r} does not exist.")
+        check_gspn(args.gspn_weights)  # the folder (or hub repo), its config and the weights header
     for tracker in ("wandb", "comet_ml"):
         if args.report_to == tracker and importlib.util.find_spec(tracker) is None:
             raise ValueError(
