@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from gspn_diffusers import GSPNConfig, convert, gspn_parameters, load_gspn, save_gspn
 from gspn_diffusers.cli import main as cli_main
+from gspn_diffusers.convert import gspn_config_of
 from gspn_diffusers.distill.args import parse_args
 from gspn_diffusers.distill.conditioning import drop_captions, prepare_inputs, sdxl_time_ids, text_conditioning
 from gspn_diffusers.distill.data import (
@@ -223,6 +224,25 @@ def test_a_few_steps_reduce_the_distillation_loss(tmp_path, fmt, kind):
     assert after["teacher"] < before["teacher"]
     assert after["feature"] < before["feature"]
     assert after["loss"] < before["loss"]
+
+
+def test_conversion_flags_beside_gspn_weights_are_named_in_the_warning(tmp_path, caplog):
+    """The saved config wins; the warning names every flag given as typed, ``--chunk-size global`` (None) too."""
+    from accelerate import PartialState
+
+    from gspn_diffusers.distill.train import build_models
+
+    PartialState()  # Accelerate's logger needs the state
+    start = initial_weights("sd15", tmp_path / "start")
+    args = parse_args(
+        train_argv(
+            tmp_path / "out", "sd15", "--train_data_dir", "x", "--gspn_weights", str(start), "--chunk-size", "global"
+        )
+    )
+    with caplog.at_level(logging.WARNING):
+        pipe, _, _ = build_models(args, torch.float32, torch.device("cpu"))
+    assert "--gate-rank, --chunk-size would be ignored" in caplog.text
+    assert gspn_config_of(pipe) == GSPNConfig.from_preset("sd15", gate_rank=2)
 
 
 def test_saved_weights_reproduce_the_student(tmp_path):

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from ..config import GSPNConfig
 from ..convert import convert, get_unet, gspn_config_of, gspn_parameters
 from ..loading import DTYPES, load_pipeline, native_size
-from ..serialization import check_gspn, load_gspn, save_gspn
+from ..serialization import CONFIG_NAME, check_gspn, load_gspn, save_gspn
 from .args import parse_args
 from .cache import CachedLatents, build_latent_cache, cache_key, collate_cached
 from .checkpoints import check_output_dir, checkpoint_step, clear_output_dir, resolve_resume, save_checkpoint
@@ -112,12 +112,14 @@ def build_models(
         )
     teacher = copy.deepcopy(get_unet(pipe))
     if args.gspn_weights is not None:
-        config_flags = [
-            f for f in ("preset", "gate_rank", "gate_channels", "chunk_size") if getattr(args, f) is not None
-        ]
-        if config_flags:
+        from ..cli_args import config_flags_given
+
+        flags = config_flags_given(args)  # `--chunk-size global` counts: it is given, as None
+        if flags:
             logger.warning(
-                "--gspn_weights given: its saved config is used and %s are ignored.", ", ".join(config_flags)
+                "--gspn_weights given: its saved %s fixes the GSPN config, so %s would be ignored.",
+                CONFIG_NAME,
+                ", ".join(flags),
             )
         load_gspn(pipe, args.gspn_weights)
     else:
