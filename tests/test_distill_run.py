@@ -266,8 +266,13 @@ for param in gspn_parameters(pipe).values():
     torch.nn.init.normal_(param, std=0.02)  # weights that differ from the initial ones
 save_gspn(pipe, f"{out}/before_sharding_{accelerator.process_index}")
 # What Accelerate's FSDP does on GPUs (it does not offer FSDP on the CPU): FSDP2 shards in place into DTensors,
-# FSDP1 wraps and leaves the UNet's parameters as views of a flat shard (empty on one of the processes).
+# each BasicTransformerBlock on its own as distill/configs/fsdp.yaml's wrap policy asks, then the rest; FSDP1
+# wraps and leaves the UNet's parameters as views of a flat shard (empty on one of the processes).
 if sys.argv[2] == "2":
+    from diffusers.models.attention import BasicTransformerBlock
+
+    for block in [m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock)]:
+        fully_shard(block)
     fully_shard(pipe.unet)
     prepared = pipe.unet
     assert type(next(pipe.unet.parameters())).__name__ == "DTensor"
