@@ -194,8 +194,9 @@ def _register_state_hooks(
 ) -> None:
     """``save_state`` writes the GSPN weights (and EMA weights) with ``save_gspn`` instead of the whole UNet.
 
-    Under FSDP and DeepSpeed Accelerate saves and loads the model itself (``model_weights`` and
-    ``models`` come empty); the GSPN weights are still written, from the full parameters.
+    Under FSDP and DeepSpeed Accelerate saves and loads the model itself: the save hook gets the
+    models but no ``model_weights``, and still writes the GSPN weights, from the full parameters; the
+    load hook gets no models (Accelerate has loaded them).
     """
 
     def save_model_hook(models: list, model_weights: list, save_dir: str) -> None:
