@@ -4,6 +4,7 @@ guard, the latent cache, SD-XL's unconditional input, the block feature loss and
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 import subprocess
@@ -76,6 +77,21 @@ def test_entry_script_trains_two_steps_and_refuses_a_used_output_dir(tmp_path):
     assert again.returncode == 2
     assert "holds another run's results" in again.stderr and "--resume_from_checkpoint" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (the [deepspeed] extra)")
+def test_deepspeed_config_takes_the_trainer_s_gradient_accumulation(tmp_path):
+    """deepspeed_zero2.yaml says 1; --gradient_accumulation_steps 2 must still run (one CPU process)."""
+    data = write_files(tmp_path / "data")
+    argv = train_argv(tmp_path / "out", "sd15", "--train_data_dir", str(data), "--max_train_steps", "2")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(REPO / "distill" / "configs" / "deepspeed_zero2.yaml"), "--num_processes", "1"]
+    launch += ["--mixed_precision", "no", "--main_process_port", str(_free_port())]
+    command = [*launch, str(REPO / "distill" / "train_gspn_distill.py"), *argv, "--gradient_accumulation_steps", "2"]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch 4 (per device 2 x 1 processes x 2 accumulation)" in result.stderr
+    load_gspn(tiny_pipeline("sd15"), tmp_path / "out")
 
 
 def _tiny_accelerator(tmp_path: Path) -> tuple[Accelerator, torch.nn.Module]:

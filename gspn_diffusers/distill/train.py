@@ -469,8 +469,11 @@ def main(args: argparse.Namespace) -> DistillResult:
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loader was prepared on its own, above
+        # The trainer's accumulation wins over the config file's: steps, epochs and total_batch count with it.
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=args.train_batch_size, train_batch_size=total_batch
+            train_micro_batch_size_per_gpu=args.train_batch_size,
+            train_batch_size=total_batch,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
         )
     prepared_student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     validation = Validation(pipe, teacher, args, accelerator, resolution, teacher_scheduler)
