@@ -173,6 +173,10 @@ def test_missing_local_model_is_named(tmp_path):
     argv[argv.index("--tiny") : argv.index("--tiny") + 2] = ["--model", "./no/such/model"]
     with pytest.raises(FileNotFoundError, match="no/such/model"):
         check_args(parse_args(argv))
+    # A folder that is not a Diffusers pipeline is refused here too, not after the dataset is indexed.
+    argv[argv.index("--model") + 1] = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        check_args(parse_args(argv))
 
 
 def test_cache_latents_encodes_once_and_trains(tmp_path, caplog):

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ..config import GSPNConfig
 from ..convert import convert, get_unet, gspn_config_of, gspn_parameters
-from ..loading import DTYPES, load_pipeline, native_size
+from ..loading import DTYPES, check_model_source, load_pipeline, native_size
 from ..serialization import CONFIG_NAME, check_gspn, load_gspn, save_gspn
 from .args import parse_args
 from .cache import CachedLatents, build_latent_cache, cache_key, collate_cached
@@ -267,10 +267,6 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Fail on impossible settings before anything is loaded, each with what to do instead."""
     positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps"]
@@ -300,8 +296,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--adam_epsilon must be positive; got {args.adam_epsilon}.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag).")
-    if args.model is not None and _looks_local(args.model) and not Path(args.model).expanduser().exists():
-        raise FileNotFoundError(f"--model {args.model!r} does not exist; pass a Diffusers folder or a hub name.")
+    if args.model is not None:
+        check_model_source(args.model)  # a local folder holds a pipeline; a hub name offline is cached
     if args.gspn_weights is not None:
         check_gspn(args.gspn_weights)  # the folder (or hub repo), its config and the weights header
     for tracker in ("wandb", "comet_ml"):
