@@ -391,7 +391,7 @@ def test_cli_refuses_bad_arguments_before_loading(captions_and_folder, tmp_path,
 
 
 def test_cli_checks_the_gspn_weights_before_the_metric_models(captions_and_folder, tmp_path, caplog):
-    """A broken --gspn-weights folder is named before the metric weights (minutes to load for ViT-g) are read."""
+    """A broken --gspn-weights or --model is named before the metric weights (minutes for ViT-g) are read."""
     captions, folder = captions_and_folder
     weights = tmp_path / "weights"
     weights.mkdir()
@@ -404,6 +404,11 @@ def test_cli_checks_the_gspn_weights_before_the_metric_models(captions_and_folde
     assert main(argv) == 2
     assert "gspn_config.json is not valid JSON" in caplog.text and "no-inception" not in caplog.text
     assert not (tmp_path / "run").exists()
+    caplog.clear()
+    argv[argv.index("--tiny") : argv.index("--tiny") + 2] = ["--model", str(tmp_path / "no-such-model")]
+    argv[argv.index("--gspn-weights") : argv.index("--gspn-weights") + 2] = ["--original"]
+    assert main(argv) == 2
+    assert "no-such-model" in caplog.text and "no-inception" not in caplog.text
 
 
 # ---------------------------------------------------------------- resume by content, safety checker

@@ -78,11 +78,14 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     from accelerate import PartialState
 
-    from ..loading import load_pipeline
+    from ..loading import check_model_source, load_pipeline
     from ..serialization import check_gspn, load_gspn
     from .runner import evaluate
 
-    # Config and weights header now, not after the metric models (ViT-g-14: minutes) and the pipeline have loaded.
+    # The model's folder (or cached hub name) and the GSPN config and weights header now, not after the metric
+    # models (ViT-g-14: minutes) have loaded.
+    if args.model is not None:
+        check_model_source(args.model)
     weights = check_gspn(args.gspn_weights) if args.gspn_weights is not None else None
     state = PartialState(cpu=args.device == "cpu")
 
