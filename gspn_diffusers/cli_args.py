@@ -170,6 +170,10 @@ def check_image_output(path: str | Path) -> Path:
         raise GSPNUserError(
             f"--output {str(path)!r}: unknown image extension {path.suffix or '(none)'!r}; use .png, .jpg or .webp."
         )
+    if extensions[path.suffix.lower()] not in Image.SAVE:  # .psd, .pcd, ...: read-only formats
+        raise GSPNUserError(
+            f"--output {str(path)!r}: PIL can read {path.suffix.lower()} but not write it; use .png, .jpg or .webp."
+        )
     if path.is_dir():
         raise GSPNUserError(f"--output {str(path)!r} is a folder; pass an image file path such as {path}/image.png.")
     return path
