@@ -20,6 +20,7 @@ from test_distill import _free_port, data_flags, train_argv, write_files
 
 from gspn_diffusers import GSPNConfig, convert, load_gspn
 from gspn_diffusers.cli import main as cli_main
+from gspn_diffusers.cli_args import config_flags_given
 from gspn_diffusers.distill.args import parse_args
 from gspn_diffusers.distill.cache import COMPLETE_MARKER as CACHE_COMPLETE
 from gspn_diffusers.distill.checkpoints import (
@@ -166,6 +167,13 @@ def test_bad_arguments_are_refused_before_loading(tmp_path, flags, message):
     args = parse_args([*train_argv(tmp_path / "out", "sd15", "--train_data_dir", "x"), *flags])
     with pytest.raises(ValueError, match=message):
         check_args(args)
+
+
+def test_conversion_flags_take_underscores_like_every_trainer_flag(tmp_path):
+    argv = train_argv(tmp_path / "out", "sd15", "--train_data_dir", "x")
+    args = parse_args([*argv, "--gate_rank", "8", "--gate_channels", "4", "--chunk_size", "global"])
+    assert (args.gate_rank, args.gate_channels, args.chunk_size) == (8, 4, None)
+    assert config_flags_given(args) == ["--gate-rank", "--gate-channels", "--chunk-size"]
 
 
 def test_missing_local_model_is_named(tmp_path):

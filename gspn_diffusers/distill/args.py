@@ -49,7 +49,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
         "--model", "--pretrained_model_name_or_path", dest="model", help="Hub name or local Diffusers folder."
     )
     source.add_argument("--tiny", choices=TINY_KINDS, help="A built-in tiny random model (tests, smoke runs).")
-    add_config_args(model)
+    add_config_args(model, underscores=True)
     _flag(
         model, "gspn_weights", default=None, help="Start from these GSPN weights (save_gspn folder) instead of Q/K/V."
     )
