@@ -70,17 +70,24 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     )
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """The GSPN conversion flags; they build a config, so they conflict with loading a saved one."""
+def add_config_args(parser: argparse.ArgumentParser, underscores: bool = False) -> None:
+    """The GSPN conversion flags; they build a config, so they conflict with loading a saved one.
+
+    ``underscores`` also accepts ``--gate_rank`` etc., as the distill trainer does for all its flags.
+    """
+
+    def names(flag: str) -> list[str]:
+        return [flag, flag.replace("-", "_").replace("__", "--", 1)] if underscores else [flag]
+
     parser.add_argument("--preset", choices=PRESETS, default=None, help="GSPN preset (default: from the UNet).")
     parser.add_argument(
-        "--gate-rank", type=positive_int, default=None, help="Gate projection rank divisor (C -> C/r)."
+        *names("--gate-rank"), type=positive_int, default=None, help="Gate projection rank divisor (C -> C/r)."
     )
     parser.add_argument(
-        "--gate-channels", type=positive_int, default=None, help="Gate channels per direction (default C)."
+        *names("--gate-channels"), type=positive_int, default=None, help="Gate channels per direction (default C)."
     )
     parser.add_argument(
-        "--chunk-size",
+        *names("--chunk-size"),
         type=optional_chunk,
         default=None,
         action=_ChunkSizeAction,
@@ -169,6 +176,10 @@ def check_image_output(path: str | Path) -> Path:
     if path.suffix.lower() not in extensions:
         raise GSPNUserError(
             f"--output {str(path)!r}: unknown image extension {path.suffix or '(none)'!r}; use .png, .jpg or .webp."
+        )
+    if extensions[path.suffix.lower()] not in Image.SAVE:  # .psd, .pcd, ...: read-only formats
+        raise GSPNUserError(
+            f"--output {str(path)!r}: PIL can read {path.suffix.lower()} but not write it; use .png, .jpg or .webp."
         )
     if path.is_dir():
         raise GSPNUserError(f"--output {str(path)!r} is a folder; pass an image file path such as {path}/image.png.")

@@ -35,7 +35,7 @@ def native_size(pipe: DiffusionPipeline) -> int:
     return (size if isinstance(size, int) else max(size)) * pipe.vae_scale_factor
 
 
-def _check_source(model: str) -> Path | None:
+def check_model_source(model: str) -> Path | None:
     """The local folder ``model`` names, or None for a hub name that may be cached or downloaded.
 
     A name that cannot be a hub id (``./x``, ``a/b/c``, ``~/x``) and does not exist is "no such folder" at once; a
@@ -83,7 +83,7 @@ def load_pipeline(
             raise GSPNUserError(f"Unknown tiny model {tiny!r}; expected one of {', '.join(TINY_KINDS)}.")
         pipe = tiny_pipeline(tiny).to(device)
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
-    path = _check_source(model)
+    path = check_model_source(model)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path or model), torch_dtype=torch_dtype)
     except (OSError, ValueError) as error:

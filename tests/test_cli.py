@@ -102,6 +102,7 @@ def test_user_mistakes_are_one_line_errors_before_any_model_loads(tmp_path, capl
     # Each of these names a model folder that does not exist: the argument is refused before loading is tried.
     base = ["generate", "--model", no_model, "--prompt", "x"]
     assert "unknown image extension '(none)'" in error_of([*base, "--output", str(tmp_path / "image")])
+    assert "PIL can read .psd but not write it" in error_of([*base, "--output", str(tmp_path / "image.psd")])
     weights = str(tmp_path / "w")
     message = error_of([*base, "--gspn-weights", weights, "--chunk-size", "8", "--output", str(tmp_path / "a.png")])
     assert "--chunk-size would be ignored" in message

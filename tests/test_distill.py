@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from gspn_diffusers import GSPNConfig, convert, gspn_parameters, load_gspn, save_gspn
 from gspn_diffusers.cli import main as cli_main
+from gspn_diffusers.convert import gspn_config_of
 from gspn_diffusers.distill.args import parse_args
 from gspn_diffusers.distill.conditioning import drop_captions, prepare_inputs, sdxl_time_ids, text_conditioning
 from gspn_diffusers.distill.data import (
@@ -225,6 +226,25 @@ def test_a_few_steps_reduce_the_distillation_loss(tmp_path, fmt, kind):
     assert after["loss"] < before["loss"]
 
 
+def test_conversion_flags_beside_gspn_weights_are_named_in_the_warning(tmp_path, caplog):
+    """The saved config wins; the warning names every flag given as typed, ``--chunk-size global`` (None) too."""
+    from accelerate import PartialState
+
+    from gspn_diffusers.distill.train import build_models
+
+    PartialState()  # Accelerate's logger needs the state
+    start = initial_weights("sd15", tmp_path / "start")
+    args = parse_args(
+        train_argv(
+            tmp_path / "out", "sd15", "--train_data_dir", "x", "--gspn_weights", str(start), "--chunk-size", "global"
+        )
+    )
+    with caplog.at_level(logging.WARNING):
+        pipe, _, _ = build_models(args, torch.float32, torch.device("cpu"))
+    assert "--gate-rank, --chunk-size would be ignored" in caplog.text
+    assert gspn_config_of(pipe) == GSPNConfig.from_preset("sd15", gate_rank=2)
+
+
 def test_saved_weights_reproduce_the_student(tmp_path):
     flags = data_flags("jsonl", tmp_path / "data")
     argv = train_argv(tmp_path / "out", "sd15", *flags, "--train_projections", "--use_ema", "--ema_decay", "0.5")
@@ -393,6 +413,26 @@ def test_caption_lists_and_missing_captions(tmp_path, caplog):
         picked.add(dataset[0]["caption"])
         assert dataset[1]["caption"] == "three"
     assert picked == {"one", "two"}
+
+
+def test_data_workers_see_every_new_epoch(tmp_path):
+    """Augmentation is drawn per (seed, epoch, index) inside the workers: each epoch's set_epoch must reach them."""
+    import argparse
+
+    from gspn_diffusers.distill.train import _dataloader
+
+    sample_images()[0][0].save(tmp_path / "a.png")
+    captions = [f"caption {i}" for i in range(8)]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": captions}) + "\n")
+    dataset = ImageCaptionDataset(find_records(train_data_dir=str(tmp_path)), RESOLUTION)
+    args = argparse.Namespace(dataloader_num_workers=1, train_batch_size=1, seed=0)
+    loader = _dataloader(args, dataset, collate)
+    picked = []
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        picked += [batch["captions"][0] for batch in loader]
+    assert picked == [dataset.set_epoch(epoch) or dataset[0]["caption"] for epoch in range(4)]
+    assert len(set(picked)) > 1
 
 
 def test_images_without_caption_are_counted_in_every_layout(tmp_path, caplog):

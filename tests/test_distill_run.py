@@ -4,6 +4,7 @@ guard, the latent cache, SD-XL's unconditional input, the block feature loss and
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 import subprocess
@@ -19,6 +20,7 @@ from test_distill import _free_port, data_flags, train_argv, write_files
 
 from gspn_diffusers import GSPNConfig, convert, load_gspn
 from gspn_diffusers.cli import main as cli_main
+from gspn_diffusers.cli_args import config_flags_given
 from gspn_diffusers.distill.args import parse_args
 from gspn_diffusers.distill.cache import COMPLETE_MARKER as CACHE_COMPLETE
 from gspn_diffusers.distill.checkpoints import (
@@ -66,7 +68,7 @@ def test_entry_script_trains_two_steps_and_refuses_a_used_output_dir(tmp_path):
     data = write_files(tmp_path / "data")
     argv = train_argv(tmp_path / "out", "sd15", "--train_data_dir", str(data), "--max_train_steps", "2")
     i = argv.index("--dataloader_num_workers")
-    del argv[i : i + 2]  # the default: min(4, CPUs) persistent workers
+    del argv[i : i + 2]  # the default: min(4, CPUs) workers
     command = [sys.executable, str(REPO / "distill" / "train_gspn_distill.py"), *argv, "--checkpointing_steps", "1"]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -76,6 +78,21 @@ def test_entry_script_trains_two_steps_and_refuses_a_used_output_dir(tmp_path):
     assert again.returncode == 2
     assert "holds another run's results" in again.stderr and "--resume_from_checkpoint" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (the [deepspeed] extra)")
+def test_deepspeed_config_takes_the_trainer_s_gradient_accumulation(tmp_path):
+    """deepspeed_zero2.yaml says 1; --gradient_accumulation_steps 2 must still run (one CPU process)."""
+    data = write_files(tmp_path / "data")
+    argv = train_argv(tmp_path / "out", "sd15", "--train_data_dir", str(data), "--max_train_steps", "2")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(REPO / "distill" / "configs" / "deepspeed_zero2.yaml"), "--num_processes", "1"]
+    launch += ["--mixed_precision", "no", "--main_process_port", str(_free_port())]
+    command = [*launch, str(REPO / "distill" / "train_gspn_distill.py"), *argv, "--gradient_accumulation_steps", "2"]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch 4 (per device 2 x 1 processes x 2 accumulation)" in result.stderr
+    load_gspn(tiny_pipeline("sd15"), tmp_path / "out")
 
 
 def _tiny_accelerator(tmp_path: Path) -> tuple[Accelerator, torch.nn.Module]:
@@ -136,19 +153,37 @@ def test_output_dir_of_another_run_is_refused_before_any_model_loads(tmp_path, c
         (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
         (["--dataloader_num_workers", "-1"], "must not be negative"),
         (["--ema_decay", "1.5"], "--ema_decay"),
-        (["--gspn_weights", str(Path(__file__).parent)], "not a folder written by save_gspn"),
+        (["--gspn_weights", str(Path(__file__).parent)], "gspn_config.json is missing"),
+        (["--gspn_weights", "no_such_weights"], "'no_such_weights' does not exist"),
+        (["--gspn_weights", "JUNK_CONFIG"], "gspn_config.json is not valid JSON"),
     ],
 )
 def test_bad_arguments_are_refused_before_loading(tmp_path, flags, message):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "gspn_config.json").write_text("{not json")
+    (junk / "gspn_weights.safetensors").write_bytes(b"")
+    flags = [str(junk) if flag == "JUNK_CONFIG" else flag for flag in flags]
     args = parse_args([*train_argv(tmp_path / "out", "sd15", "--train_data_dir", "x"), *flags])
     with pytest.raises(ValueError, match=message):
         check_args(args)
+
+
+def test_conversion_flags_take_underscores_like_every_trainer_flag(tmp_path):
+    argv = train_argv(tmp_path / "out", "sd15", "--train_data_dir", "x")
+    args = parse_args([*argv, "--gate_rank", "8", "--gate_channels", "4", "--chunk_size", "global"])
+    assert (args.gate_rank, args.gate_channels, args.chunk_size) == (8, 4, None)
+    assert config_flags_given(args) == ["--gate-rank", "--gate-channels", "--chunk-size"]
 
 
 def test_missing_local_model_is_named(tmp_path):
     argv = train_argv(tmp_path / "out", "sd15", "--train_data_dir", "x")
     argv[argv.index("--tiny") : argv.index("--tiny") + 2] = ["--model", "./no/such/model"]
     with pytest.raises(FileNotFoundError, match="no/such/model"):
+        check_args(parse_args(argv))
+    # A folder that is not a Diffusers pipeline is refused here too, not after the dataset is indexed.
+    argv[argv.index("--model") + 1] = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
         check_args(parse_args(argv))
 
 
@@ -259,8 +294,13 @@ for param in gspn_parameters(pipe).values():
     torch.nn.init.normal_(param, std=0.02)  # weights that differ from the initial ones
 save_gspn(pipe, f"{out}/before_sharding_{accelerator.process_index}")
 # What Accelerate's FSDP does on GPUs (it does not offer FSDP on the CPU): FSDP2 shards in place into DTensors,
-# FSDP1 wraps and leaves the UNet's parameters as views of a flat shard (empty on one of the processes).
+# each BasicTransformerBlock on its own as distill/configs/fsdp.yaml's wrap policy asks, then the rest; FSDP1
+# wraps and leaves the UNet's parameters as views of a flat shard (empty on one of the processes).
 if sys.argv[2] == "2":
+    from diffusers.models.attention import BasicTransformerBlock
+
+    for block in [m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock)]:
+        fully_shard(block)
     fully_shard(pipe.unet)
     prepared = pipe.unet
     assert type(next(pipe.unet.parameters())).__name__ == "DTensor"

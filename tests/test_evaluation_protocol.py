@@ -390,6 +390,27 @@ def test_cli_refuses_bad_arguments_before_loading(captions_and_folder, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_checks_the_gspn_weights_before_the_metric_models(captions_and_folder, tmp_path, caplog):
+    """A broken --gspn-weights or --model is named before the metric weights (minutes for ViT-g) are read."""
+    captions, folder = captions_and_folder
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "gspn_config.json").write_text("{not json")
+    (weights / "gspn_weights.safetensors").write_bytes(b"")
+    argv = ["evaluate", "--tiny", "sd15", "--gspn-weights", str(weights), "--captions", str(captions)]
+    argv += ["--coco-images", str(folder), "--fid-reference", "folder", "--output-dir", str(tmp_path / "run")]
+    argv += ["--fid-weights", str(tmp_path / "no-inception.pth")]
+    caplog.set_level(logging.ERROR)
+    assert main(argv) == 2
+    assert "gspn_config.json is not valid JSON" in caplog.text and "no-inception" not in caplog.text
+    assert not (tmp_path / "run").exists()
+    caplog.clear()
+    argv[argv.index("--tiny") : argv.index("--tiny") + 2] = ["--model", str(tmp_path / "no-such-model")]
+    argv[argv.index("--gspn-weights") : argv.index("--gspn-weights") + 2] = ["--original"]
+    assert main(argv) == 2
+    assert "no-such-model" in caplog.text and "no-inception" not in caplog.text
+
+
 # ---------------------------------------------------------------- resume by content, safety checker
 
 

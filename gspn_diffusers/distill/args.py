@@ -49,7 +49,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
         "--model", "--pretrained_model_name_or_path", dest="model", help="Hub name or local Diffusers folder."
     )
     source.add_argument("--tiny", choices=TINY_KINDS, help="A built-in tiny random model (tests, smoke runs).")
-    add_config_args(model)
+    add_config_args(model, underscores=True)
     _flag(
         model, "gspn_weights", default=None, help="Start from these GSPN weights (save_gspn folder) instead of Q/K/V."
     )
@@ -106,7 +106,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
         "dataloader_num_workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
-        help="DataLoader worker processes (default min(4, CPUs); persistent, with pinned memory on GPUs).",
+        help="DataLoader worker processes (default min(4, CPUs); pinned memory on GPUs).",
     )
     _flag(
         data,
@@ -180,5 +180,3 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Distill the GSPN modules of a converted UNet from the original.")
     add_distill_args(parser)
     return parser.parse_args(argv)
-
-

@@ -45,8 +45,8 @@ from tqdm.auto import tqdm
 
 from ..config import GSPNConfig
 from ..convert import convert, get_unet, gspn_config_of, gspn_parameters
-from ..loading import DTYPES, load_pipeline, native_size
-from ..serialization import CONFIG_NAME, load_gspn, save_gspn
+from ..loading import DTYPES, check_model_source, load_pipeline, native_size
+from ..serialization import CONFIG_NAME, check_gspn, load_gspn, save_gspn
 from .args import parse_args
 from .cache import CachedLatents, build_latent_cache, cache_key, collate_cached
 from .checkpoints import check_output_dir, checkpoint_step, clear_output_dir, resolve_resume, save_checkpoint
@@ -61,6 +61,8 @@ LOSS_TERMS = ("loss", "target", "teacher", "feature")
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # bad input: reported as one line, no traceback
 GSPN_SUBFOLDER = "gspn"
 EMA_SUBFOLDER = "gspn_ema"
+
+
 @dataclass
 class DistillResult:
     """What a run leaves in memory: the pipeline with the trained student (EMA weights if ``--use_ema``)."""
@@ -110,12 +112,14 @@ def build_models(
         )
     teacher = copy.deepcopy(get_unet(pipe))
     if args.gspn_weights is not None:
-        config_flags = [
-            f for f in ("preset", "gate_rank", "gate_channels", "chunk_size") if getattr(args, f) is not None
-        ]
-        if config_flags:
+        from ..cli_args import config_flags_given
+
+        flags = config_flags_given(args)  # `--chunk-size global` counts: it is given, as None
+        if flags:
             logger.warning(
-                "--gspn_weights given: its saved config is used and %s are ignored.", ", ".join(config_flags)
+                "--gspn_weights given: its saved %s fixes the GSPN config, so %s would be ignored.",
+                CONFIG_NAME,
+                ", ".join(flags),
             )
         load_gspn(pipe, args.gspn_weights)
     else:
@@ -190,8 +194,9 @@ def _register_state_hooks(
 ) -> None:
     """``save_state`` writes the GSPN weights (and EMA weights) with ``save_gspn`` instead of the whole UNet.
 
-    Under FSDP and DeepSpeed Accelerate saves and loads the model itself (``model_weights`` and
-    ``models`` come empty); the GSPN weights are still written, from the full parameters.
+    Under FSDP and DeepSpeed Accelerate saves and loads the model itself: the save hook gets the
+    models but no ``model_weights``, and still writes the GSPN weights, from the full parameters; the
+    load hook gets no models (Accelerate has loaded them).
     """
 
     def save_model_hook(models: list, model_weights: list, save_dir: str) -> None:
@@ -224,7 +229,9 @@ def _dataloader(
         collate_fn=collate_fn,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
+        # Not persistent: workers hold their own copy of the dataset, so only workers started after
+        # set_epoch draw that epoch's crops, flips and captions (persistent ones repeat epoch 0's forever).
+        persistent_workers=False,
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run
         # (whose RNG state Accelerate restores) would see different noise than the uninterrupted one.
         generator=torch.Generator().manual_seed(args.seed or 0),
@@ -260,10 +267,6 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Fail on impossible settings before anything is loaded, each with what to do instead."""
     positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps"]
@@ -293,16 +296,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--adam_epsilon must be positive; got {args.adam_epsilon}.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag).")
-    if args.model is not None and _looks_local(args.model) and not Path(args.model).expanduser().exists():
-        raise FileNotFoundError(f"--model {args.model!r} does not exist; pass a Diffusers folder or a hub name.")
+    if args.model is not None:
+        check_model_source(args.model)  # a local folder holds a pipeline; a hub name offline is cached
     if args.gspn_weights is not None:
-        weights = Path(args.gspn_weights).expanduser()
-        if weights.is_file() or (weights.is_dir() and not (weights / CONFIG_NAME).is_file()):
-            raise ValueError(
-                f"--gspn_weights {args.gspn_weights!r} is not a folder written by save_gspn (no {CONFIG_NAME})."
-            )
-        if _looks_local(args.gspn_weights) and not weights.exists():
-            raise FileNotFoundError(f"--gspn_weights {args.gspn_weights!r} does not exist.")
+        check_gspn(args.gspn_weights)  # the folder (or hub repo), its config and the weights header
     for tracker in ("wandb", "comet_ml"):
         if args.report_to == tracker and importlib.util.find_spec(tracker) is None:
             raise ValueError(
@@ -468,8 +465,11 @@ def main(args: argparse.Namespace) -> DistillResult:
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loader was prepared on its own, above
+        # The trainer's accumulation wins over the config file's: steps, epochs and total_batch count with it.
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=args.train_batch_size, train_batch_size=total_batch
+            train_micro_batch_size_per_gpu=args.train_batch_size,
+            train_batch_size=total_batch,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
         )
     prepared_student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     validation = Validation(pipe, teacher, args, accelerator, resolution, teacher_scheduler)

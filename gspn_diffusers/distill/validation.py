@@ -30,22 +30,26 @@ def full_parameters(model: torch.nn.Module) -> Iterator[None]:
     """The full (unsharded) parameters in the modules inside, on every process (a collective under FSDP1).
 
     DDP and DeepSpeed ZeRO-2 (parameters are not sharded) need nothing; FSDP1 gathers with
-    ``summon_full_params`` (read-only), FSDP2 (``fully_shard``) with ``unshard`` / ``reshard``. Inside,
-    the modules hold plain full tensors, so ``save_gspn`` and the pipeline's UNet call work as usual.
+    ``summon_full_params`` (read-only, nested units included), FSDP2 (``fully_shard``) with ``unshard`` /
+    ``reshard`` of every sharded module in the tree: an auto-wrap policy (the transformer blocks, as in
+    ``distill/configs/fsdp.yaml``) shards each block on its own, and the root's ``unshard`` gathers only
+    the parameters no inner unit owns. Inside, the modules hold plain full tensors, so ``save_gspn`` and
+    the pipeline's UNet call work as usual.
     """
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     if isinstance(model, FullyShardedDataParallel):
         with FullyShardedDataParallel.summon_full_params(model, writeback=False):
             yield
-    elif isinstance(model, FSDPModule):
-        model.unshard()
-        try:
-            yield
-        finally:
-            model.reshard()
-    else:
+        return
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]  # the same order everywhere
+    for unit in units:
+        unit.unshard()
+    try:
         yield
+    finally:
+        for unit in units:
+            unit.reshard()
 
 
 class Validation:

@@ -72,24 +72,26 @@ def run_evaluate(args: argparse.Namespace) -> None:
         raise ValueError(f"evaluate needs {', '.join(missing)} (or --compare RUN_A RUN_B to compare two runs).")
     if args.gspn_weights is None and not args.original:
         raise ValueError("Pass --gspn-weights FOLDER to evaluate a GSPN model, or --original for the original one.")
-    import torch
-
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; pass --device cpu.")
+    # (--device was checked by cli.main, as for every subcommand with a --device flag.)
     config = _config(args)
     config.check()
 
     from accelerate import PartialState
 
-    from ..loading import load_pipeline
-    from ..serialization import load_gspn
+    from ..loading import check_model_source, load_pipeline
+    from ..serialization import check_gspn, load_gspn
     from .runner import evaluate
 
+    # The model's folder (or cached hub name) and the GSPN config and weights header now, not after the metric
+    # models (ViT-g-14: minutes) have loaded.
+    if args.model is not None:
+        check_model_source(args.model)
+    weights = check_gspn(args.gspn_weights) if args.gspn_weights is not None else None
     state = PartialState(cpu=args.device == "cpu")
 
     def load():
         pipe = load_pipeline(args.model, args.tiny, str(state.device), args.dtype)
-        return pipe if args.gspn_weights is None else load_gspn(pipe, args.gspn_weights)
+        return pipe if weights is None else load_gspn(pipe, weights)
 
     extractor = clip = None
     if args.tiny_metrics:
