@@ -76,8 +76,10 @@ def main_bench(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--workers", type=int, default=0, help="DataLoader workers (0: in the main process; the trainer's own default "
-        "is min(4, CPUs))."
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader workers (0: in the main process; the trainer's own default is min(4, CPUs)).",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

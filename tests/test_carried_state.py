@@ -44,8 +44,12 @@ def scan_in_blocks(x, lam, gates, direction, cuts, chunk_size=None, initial_stat
 
 def last_line(h: torch.Tensor, direction: str) -> torch.Tensor:
     """The whole scan's final state: its last line in scan order, as (B, n_perp, C)."""
-    index = {"left_to_right": (slice(None), slice(None), -1), "right_to_left": (slice(None), slice(None), 0),
-             "top_to_bottom": (slice(None), -1), "bottom_to_top": (slice(None), 0)}[direction]
+    index = {
+        "left_to_right": (slice(None), slice(None), -1),
+        "right_to_left": (slice(None), slice(None), 0),
+        "top_to_bottom": (slice(None), -1),
+        "bottom_to_top": (slice(None), 0),
+    }[direction]
     return h[index]
 
 

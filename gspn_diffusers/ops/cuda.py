@@ -82,7 +82,7 @@ def arch_covered_on(module: ModuleType, device: torch.device) -> bool:
                 f"arch{sm}",
                 f"The GSPN CUDA kernel was built for sm_{', sm_'.join(map(str, archs))}, not for this GPU "
                 f"(sm_{sm}, {torch.cuda.get_device_name(index)}); running the PyTorch reference. Rebuild with "
-                f"GSPN_DIFFUSERS_CUDA_ARCH=\"{major}.{minor}\".",
+                f'GSPN_DIFFUSERS_CUDA_ARCH="{major}.{minor}".',
             )
     return _arch_ok[index]
 
@@ -116,8 +116,9 @@ def kernel_for(
             "for these inputs.",
         )
         return None
-    mixed = sorted({str(t.dtype) for t in others if t.dtype != x.dtype} | {str(t.device) for t in others
-                                                                            if t.device != x.device})
+    mixed = sorted(
+        {str(t.dtype) for t in others if t.dtype != x.dtype} | {str(t.device) for t in others if t.device != x.device}
+    )
     if mixed:
         warn_once(
             "mixed",
@@ -186,8 +187,9 @@ def _reference_grads(
 
     outputs, vjp = torch.func.vjp(on_present, *present)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    cotangents = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outputs, grad_outputs,
-                                                                                          strict=True))
+    cotangents = tuple(
+        torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outputs, grad_outputs, strict=True)
+    )
     grads = iter(vjp(cotangents if len(cotangents) > 1 else cotangents[0]))
     # A gradient that passes a cotangent through (an empty block's state) would alias an input of the backward op.
     given = {g.untyped_storage().data_ptr() for g in grad_outputs if g is not None}
@@ -331,8 +333,7 @@ def _fused_backward_op(
     eps: float,
     verify: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    module = kernel_for(x, [lam, gate_logits, u, grad_y], fused=True, normalize=normalize, chunk=chunk,
-                        verify=verify)
+    module = kernel_for(x, [lam, gate_logits, u, grad_y], fused=True, normalize=normalize, chunk=chunk, verify=verify)
     if module is not None:
         try:
             grads = module.fused_backward(grad_y, x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile())
