@@ -596,3 +596,24 @@ def test_gpu_bf16_smoke(tmp_path, record_property):
     record_property("steps_per_second", steps_per_second)
     logging.getLogger(__name__).warning("tiny SD-XL bf16 distillation: %.2f steps/s", steps_per_second)
     assert all(torch.isfinite(p).all() for p in load_file(tmp_path / "out" / WEIGHTS_NAME).values())
+
+
+@pytest.mark.parametrize("layout", ["metadata", "webdataset"])
+def test_latent_cache_key_follows_every_image_file(tmp_path, layout):
+    """A replaced image in the middle of the dataset (same name, new bytes) gets a new cache folder; an untouched
+    dataset keeps its key."""
+    from gspn_diffusers.distill.cache import cache_key
+
+    root = write_metadata(tmp_path / "data", "jsonl") if layout == "metadata" else write_webdataset(tmp_path / "data")
+
+    def key() -> str:
+        return cache_key("tiny-sd15", ImageCaptionDataset(find_records(str(root)), 64), torch.float32)
+
+    before = key()
+    assert key() == before
+    if layout == "metadata":
+        Image.new("RGB", (40, 24), "red").save(root / "images" / "2.png")  # replaced in place, same name
+    else:
+        shard = sorted(root.glob("*.tar"))[-1]
+        os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # a rewritten shard
+    assert key() != before

@@ -9,9 +9,9 @@ the caption choice of the first epoch (``--random_flip`` flips a fixed half of t
 than a new half every epoch). Caption dropout still happens every step, on the embeddings.
 
 The folder is keyed by everything its content depends on (model, resolution, crop and flip flags,
-seed, the dataset's files, dtype) under ``--cache_dir`` or ``output_dir/latent_cache``; each
-process encodes its share of the images, files are renamed into place when written, so an
-interrupted build continues where it stopped.
+seed, dtype, and every image's source file with its size and modification time, and its caption)
+under ``--cache_dir`` or ``output_dir/latent_cache``; each process encodes its share of the images,
+files are renamed into place when written, so an interrupted build continues where it stopped.
 """
 
 from __future__ import annotations
@@ -30,18 +30,36 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .conditioning import encode_text, latent_moments
-from .data import ImageCaptionDataset, UnreadableReport, collate
+from .data import ImageCaptionDataset, ImageRecord, TarMember, UnreadableReport, collate
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "cache_complete.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by every source file's version
+
+
+def _source_identity(record: ImageRecord, stats: dict[Path, list[int]]) -> list[Any]:
+    """Where an image's bytes come from and the version of the file that holds them (size, mtime)."""
+    source = record.source
+
+    def stat(path: Path) -> list[int]:
+        if path not in stats:
+            info = path.stat()
+            stats[path] = [info.st_size, info.st_mtime_ns]
+        return stats[path]
+
+    if isinstance(source, Path):
+        return [str(source), *stat(source)]
+    if isinstance(source, TarMember):
+        return [str(source.shard), source.offset, source.size, *stat(source.shard)]
+    return [record.where, getattr(source.dataset, "_fingerprint", None)]  # a Hugging Face dataset row
 
 
 def cache_key(model: str, dataset: ImageCaptionDataset, dtype: torch.dtype) -> str:
-    """A digest of everything the cached tensors depend on."""
-    records = dataset.records
-    identity = {
+    """A digest of everything the cached tensors depend on: settings, and every image's source file version
+    (path, size, modification time) and caption, so a replaced or edited image is never served stale."""
+    digest = hashlib.sha256()
+    settings = {
         "version": CACHE_VERSION,
         "model": model,
         "resolution": dataset.resolution,
@@ -49,10 +67,12 @@ def cache_key(model: str, dataset: ImageCaptionDataset, dtype: torch.dtype) -> s
         "random_flip": dataset.random_flip,
         "seed": dataset.seed,
         "dtype": str(dtype),
-        "images": [len(records), records[0].where, records[-1].where],
-        "captions": hashlib.sha256("\n".join(str(r.caption) for r in records).encode()).hexdigest(),
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    stats: dict[Path, list[int]] = {}  # one stat per file: a shard holds thousands of images
+    for record in dataset.records:
+        digest.update(json.dumps([_source_identity(record, stats), record.caption]).encode())
+    return digest.hexdigest()[:16]
 
 
 def _item_path(directory: Path, index: int) -> Path:
