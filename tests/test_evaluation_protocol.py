@@ -217,9 +217,11 @@ def test_captions_file_reading_and_its_errors(captions_and_folder, tmp_path):
         read_captions_file(captions, 5)
     with pytest.raises(FileNotFoundError, match="one caption a line"):
         read_captions_file(tmp_path / "none.txt")
-    config = EvaluationConfig(
-        None, str(captions.parent / "val2014"), str(tmp_path / "run"), captions_file=str(captions)
-    )
+    folder, run = str(captions.parent / "val2014"), str(tmp_path / "run")
+    # A captions file names no images: its FID reference defaults to the whole folder; "selected" is refused.
+    assert EvaluationConfig(None, folder, run, captions_file=str(captions)).fid_reference == "folder"
+    assert EvaluationConfig("captions.json", folder, run).fid_reference == "selected"
+    config = EvaluationConfig(None, folder, run, captions_file=str(captions), fid_reference="selected")
     with pytest.raises(ValueError, match="--fid-reference folder"):
         evaluate(_never_load, config, fid_feature_extractor=TinyFeatureExtractor(), clip=tiny_clip())
 

@@ -162,7 +162,8 @@ def add_evaluate_parser(subparsers) -> None:
         "--fid-reference",
         choices=REFERENCE_SETS,
         default=None,
-        help="selected: the COCO images of the captions (default); folder: every image in --coco-images.",
+        help="selected: the COCO images of the captions (default with --annotations); folder: every image in "
+        "--coco-images (default with --captions).",
     )
     parser.add_argument("--fid-weights", default=None, help="Inception weights file of the FID backend.")
     parser.add_argument(

@@ -47,7 +47,8 @@ class EvaluationConfig:
     Captions come from a COCO ``annotation_file`` (``num_captions`` images picked by ``seed``,
     default 30000) or a ``captions_file`` (one a line, caption i with seed i, default all lines).
     ``image_dir`` holds the FID reference images: the COCO images of the selected captions
-    (``fid_reference="selected"``) or the whole folder (``"folder"``). ``height``/``width``
+    (``fid_reference="selected"``) or the whole folder (``"folder"``); ``None`` picks ``"selected"`` for
+    COCO annotations and ``"folder"`` for a captions file (which names no images). ``height``/``width``
     default to the model's native size. :meth:`from_protocol` fills the settings of a named protocol.
     """
 
@@ -69,7 +70,7 @@ class EvaluationConfig:
     fid_backend: str = "torchmetrics"
     fid_size: int = 299
     fid_resize: str = "bicubic"
-    fid_reference: str = "selected"
+    fid_reference: str | None = None
     fid_weights: str | None = None
     fid_cache: str | None = None
     clip_model: str = DEFAULT_CLIP_MODEL
@@ -86,6 +87,10 @@ class EvaluationConfig:
         """A config with the settings of ``protocol`` (:mod:`.protocols`); ``settings`` override them (recorded)."""
         values, overrides = resolve_protocol(protocol, settings)
         return cls(annotation_file, image_dir, output_dir, **values, protocol=protocol, protocol_overrides=overrides)
+
+    def __post_init__(self) -> None:
+        if self.fid_reference is None:
+            self.fid_reference = "folder" if self.captions_file is not None else "selected"
 
     def check(self) -> None:
         """Refuse impossible settings with a message that says what to pass, before anything is loaded."""
