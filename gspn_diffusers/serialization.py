@@ -100,6 +100,8 @@ def save_gspn(
             f"{str(directory)!r} already holds GSPN weights ({CONFIG_NAME}/{WEIGHTS_NAME}); pass overwrite=True "
             "(--overwrite on the command line) to replace them, or choose another folder."
         )
+    # A README.md that is not this package's model card (a folder holding something else) is left alone.
+    write_card = holds_checkpoint(directory) or not (directory / MODEL_CARD_NAME).exists()
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in gspn_parameters(unet).items()}
     layout = _layout(unet)
@@ -121,8 +123,11 @@ def save_gspn(
         save_file(tensors, path, metadata={"format": "pt", "gspn_diffusers": __version__})
     with atomic_path(directory / CONFIG_NAME) as path:
         path.write_text(json.dumps(document, indent=2) + "\n")
-    with atomic_path(directory / MODEL_CARD_NAME) as path:
-        path.write_text(card)
+    if write_card:
+        with atomic_path(directory / MODEL_CARD_NAME) as path:
+            path.write_text(card)
+    else:
+        logger.warning("Kept the existing %s in %s (not a GSPN model card).", MODEL_CARD_NAME, directory)
     if push_to_hub:
         url = push_checkpoint(directory, repo_id, private=private, token=token)
         logger.info("Pushed the GSPN weights to %s", url)

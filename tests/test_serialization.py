@@ -183,6 +183,19 @@ def test_model_card_beside_the_weights(tmp_path):
     assert "base_model:" not in card and "not distilled" in card and "Not measured." in card
 
 
+def test_a_foreign_readme_is_kept(tmp_path, caplog):
+    """A folder that holds no GSPN checkpoint but has its own README.md keeps it; our own card is replaced."""
+    (tmp_path / "README.md").write_text("# my project\n")
+    pipe = gspn_diffusers.convert(tiny_pipeline("sd15"))
+    gspn_diffusers.save_gspn(pipe, tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# my project\n"
+    assert "Kept the existing README.md" in caplog.text
+    (tmp_path / "README.md").unlink()
+    gspn_diffusers.save_gspn(pipe, tmp_path, overwrite=True)
+    gspn_diffusers.save_gspn(pipe, tmp_path, overwrite=True, training={"steps": 7})
+    assert "- steps: 7" in (tmp_path / "README.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("repo_id", "message"),
     [(None, "needs repo_id"), ("bad id!", "not a valid hub repo id"), ("org/name", "HF_HUB_OFFLINE is set")],
