@@ -185,6 +185,16 @@ def test_whole_latent_calls_the_unet_once_on_the_whole_latent():
     assert shapes[5:] == [(2, 4, 16, 32)] * 2  # "auto" -> whole with GSPN; 2 of 5 steps kept; no dilated branch
 
 
+def test_the_user_s_feed_forward_chunking_survives_a_call():
+    """The stages chunk the feed-forward per level; afterwards every block has the user's setting back."""
+    pipe = hires_pipe("sd15", gspn=True)
+    blocks = [m for m in pipe.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+    for block in blocks:
+        block.set_chunk_feed_forward(2, dim=1)
+    generate(pipe, 128, 256, num_inference_steps=5, output_type="latent", forward_chunking=True)
+    assert blocks and all((m._chunk_size, m._chunk_dim) == (2, 1) for m in blocks)
+
+
 def test_whole_latent_with_the_dilated_branch_calls_the_unet_twice_per_step():
     pipe = hires_pipe("sd15", gspn=True)
     shapes = []

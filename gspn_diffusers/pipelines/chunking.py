@@ -5,6 +5,9 @@ Used by the high-resolution stages and traced by the memory estimate.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -25,6 +28,19 @@ def chunk_feed_forward(unet: torch.nn.Module, height: int | None, width: int | N
         tokens = _level_size(height, level) * _level_size(width, level)
         chunks = next(p for p in (16, 8, 4, 2, 1) if tokens % p == 0)
         module.set_chunk_feed_forward(tokens // chunks, dim=1)
+
+
+@contextlib.contextmanager
+def kept_feed_forward_chunking(unet: torch.nn.Module) -> Iterator[None]:
+    """Restore every transformer block's feed-forward chunking on exit, whatever the block set meanwhile (the
+    user's ``unet.enable_forward_chunking(...)`` survives a high-resolution call)."""
+    blocks = [m for m in unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+    saved = [(getattr(m, "_chunk_size", None), getattr(m, "_chunk_dim", 0)) for m in blocks]
+    try:
+        yield
+    finally:
+        for module, (size, dim) in zip(blocks, saved, strict=True):
+            module.set_chunk_feed_forward(size, dim)
 
 
 def _block_level(name: str, num_levels: int) -> int:

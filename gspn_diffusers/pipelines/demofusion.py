@@ -55,7 +55,7 @@ from diffusers.utils.torch_utils import empty_device_cache
 from ..convert import gspn_config_of, is_converted
 from ..loading import native_size
 from .budget import gspn_backend_for, largest_view_batch, memory_budget
-from .chunking import chunk_feed_forward
+from .chunking import kept_feed_forward_chunking
 from .denoising import StageDenoisingMixin, StageSettings, TextConditioning
 from .memory import estimate_stage_peak
 from .stages import (
@@ -446,7 +446,7 @@ class DemoFusionMixin(StageDenoisingMixin):
         }
 
         # 4. Upscaling stages: upsample, re-noise, denoise, rescale to the base's statistics
-        try:
+        with kept_feed_forward_chunking(self.unet):
             for stage, (stage_h, stage_w) in enumerate(sizes[1:], start=1):
                 self.hires_stage = stage
                 latent_size = (stage_h // self.vae_scale_factor, stage_w // self.vae_scale_factor)
@@ -496,9 +496,6 @@ class DemoFusionMixin(StageDenoisingMixin):
                 if return_stages and stage < len(sizes) - 1:
                     stage_outputs.append(self._to_output(latents, output_type, tiled_vae))
                 _free_memory(device)
-        finally:
-            if forward_chunking:
-                chunk_feed_forward(self.unet, None)
 
         # 5. Decode
         images = self._to_output(latents, output_type, tiled_vae)
