@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gspn_diffusers.ops import cuda, cuda_build, extension, gspn_scan_fused, gspn_scan_fused_reference
+from gspn_diffusers.ops import cuda, cuda_build, extension, gspn_scan_fused, gspn_scan_fused_reference, policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def fresh_loader(monkeypatch):
     """Nothing loaded or failed yet, and no warning given yet."""
     monkeypatch.setattr(extension, "_modules", {})
     monkeypatch.setattr(extension, "_errors", {})
-    monkeypatch.setattr(cuda, "_warned", set())
+    monkeypatch.setattr(policy, "_warned", set())
 
 
 def small_fused_case():
@@ -91,7 +91,7 @@ def test_compiled_module_exports_the_expected_functions():
     ],
 )
 def test_arch_coverage_of_a_build(sm, archs, covered):
-    assert cuda.arch_covered(sm, archs) is covered
+    assert policy.arch_covered(sm, archs) is covered
 
 
 def test_reference_fallback_of_an_empty_block_returns_a_new_state(monkeypatch, fresh_loader):

@@ -18,6 +18,7 @@ from gspn_diffusers.ops import (
     gspn_scan_fused,
     gspn_scan_fused_reference,
     gspn_scan_reference,
+    policy,
 )
 from gspn_diffusers.tiny import tiny_pipeline
 
@@ -36,7 +37,7 @@ def emulation():
 @pytest.fixture
 def use_emulation(emulation, monkeypatch):
     monkeypatch.setenv("GSPN_DIFFUSERS_BACKEND", "emulation")
-    monkeypatch.setattr(cuda, "_warned", set())
+    monkeypatch.setattr(policy, "_warned", set())
     return emulation
 
 
@@ -196,7 +197,7 @@ def test_torch_compile_fullgraph_through_a_converted_unet(use_emulation):
 def test_self_check_passes_on_the_emulated_kernel(use_emulation, fused, normalize, chunk_size):
     """The auto policy's self-check (run once per dtype and mode on a GPU), here against the emulated kernels;
     the single-direction case includes the carried state that line-block inference uses."""
-    assert cuda.self_check(torch.device("cpu"), torch.float32, fused, normalize, chunk_size) == ""
+    assert policy.self_check(torch.device("cpu"), torch.float32, fused, normalize, chunk_size) == ""
 
 
 def test_self_check_reports_a_wrong_carried_state(use_emulation, monkeypatch):
@@ -206,5 +207,6 @@ def test_self_check_reports_a_wrong_carried_state(use_emulation, monkeypatch):
         h, final = gspn_scan_reference(*args, **kwargs)
         return h, final * 1.01
 
-    monkeypatch.setattr(cuda, "gspn_scan_reference", off_final_state)
-    assert "output and final state differs" in cuda.self_check(torch.device("cpu"), torch.float32, False, False, None)
+    monkeypatch.setattr(policy, "gspn_scan_reference", off_final_state)
+    problem = policy.self_check(torch.device("cpu"), torch.float32, False, False, None)
+    assert "output and final state differs" in problem

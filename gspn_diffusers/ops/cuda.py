@@ -1,7 +1,7 @@
 """The compiled backends of the GSPN operators: the kernels of ``csrc/`` as ``torch.library`` custom ops.
 
 Layers, from the bottom: the compiled module (``extension.py``: the CUDA extension for CUDA tensors, the host
-emulation for CPU tensors) -> the policy (:func:`kernel_for`: may this call run the kernel, and if not, say why
+emulation for CPU tensors) -> the policy (``policy.py``: may this call run the kernel, and if not, say why
 once) -> the custom ops ``gspn_diffusers::scan`` / ``gspn_diffusers::scan_fused`` and their backward ops, with
 fake implementations and autograd registered, so ``torch.compile(..., fullgraph=True)`` sees one opaque op ->
 :func:`cuda_scan` / :func:`cuda_scan_fused` with the signatures of the reference functions, registered as the
@@ -15,9 +15,7 @@ runs the PyTorch reference inside the same op, and its gradients come from recom
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
-from types import ModuleType
 
 import torch
 
@@ -37,20 +35,10 @@ from .extension import (  # noqa: F401 - the loader's names are part of this mod
     module_for,
     source_paths,
 )
+from .policy import kernel_for, reference_on
 from .reference import DIRECTIONS, gspn_scan_fused_reference, gspn_scan_reference
 
 TILE_ENV = "GSPN_DIFFUSERS_CUDA_TILE"  # channels per block (power of two <= 16); 0 = heuristic
-
-_self_checks: dict[tuple, bool] = {}
-_arch_ok: dict[int, bool] = {}
-_warned: set[str] = set()
-
-
-def warn_once(cause: str, message: str) -> None:
-    """One warning per cause for the whole process (a pipeline calls the op thousands of times)."""
-    if cause not in _warned:
-        _warned.add(cause)
-        warnings.warn(message, stacklevel=3)
 
 
 def _tile() -> int:
@@ -58,113 +46,6 @@ def _tile() -> int:
     if not value.isdigit():
         raise ValueError(f"{TILE_ENV}={value!r} must be 0 (heuristic) or a power of two up to 16.")
     return int(value)
-
-
-# ---- Policy ------------------------------------------------------------------------------------------------
-
-
-def arch_covered(sm: int, archs: list[int]) -> bool:
-    """Machine code for sm_XY runs on sm_XZ with Z >= Y; PTX of the newest arch is compiled by the driver for newer
-    GPUs."""
-    return any(a // 10 == sm // 10 and a <= sm for a in archs) or (bool(archs) and sm > max(archs))
-
-
-def arch_covered_on(module: ModuleType, device: torch.device) -> bool:
-    """The build can run on this GPU; if not, one warning says how to rebuild (the reference runs meanwhile)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _arch_ok:
-        archs = compiled_archs(module)
-        major, minor = torch.cuda.get_device_capability(index)
-        sm = 10 * major + minor
-        _arch_ok[index] = archs is None or arch_covered(sm, archs)
-        if not _arch_ok[index]:
-            warn_once(
-                f"arch{sm}",
-                f"The GSPN CUDA kernel was built for sm_{', sm_'.join(map(str, archs))}, not for this GPU "
-                f"(sm_{sm}, {torch.cuda.get_device_name(index)}); running the PyTorch reference. Rebuild with "
-                f'GSPN_DIFFUSERS_CUDA_ARCH="{major}.{minor}".',
-            )
-    return _arch_ok[index]
-
-
-def kernel_for(
-    x: torch.Tensor,
-    others: Sequence[torch.Tensor],
-    fused: bool,
-    normalize: bool,
-    chunk: int,
-    verify: bool,
-) -> ModuleType | None:
-    """The compiled module that may run this call, or None (after a warning, once per cause) for the reference.
-
-    ``others`` must share x's dtype and device. ``verify``: run the one-time self-check (``auto``).
-    """
-    kind = "CUDA kernel" if x.is_cuda else "kernel emulation"
-    module = module_for(x)
-    if module is None:
-        source = "cuda" if x.is_cuda else "emulation"
-        warn_once(
-            f"build-{source}",
-            f"The GSPN {kind} is not available ({load_error(source)}); running the PyTorch reference instead. "
-            "Set GSPN_DIFFUSERS_BACKEND=reference to silence this.",
-        )
-        return None
-    if x.dtype not in SUPPORTED_DTYPES:
-        warn_once(
-            f"dtype-{x.dtype}",
-            f"The GSPN {kind} takes float32, float16 and bfloat16, not {x.dtype}; running the PyTorch reference "
-            "for these inputs.",
-        )
-        return None
-    mixed = sorted(
-        {str(t.dtype) for t in others if t.dtype != x.dtype} | {str(t.device) for t in others if t.device != x.device}
-    )
-    if mixed:
-        warn_once(
-            "mixed",
-            f"The GSPN {kind} needs its inputs in one dtype on one device (x is {x.dtype} on {x.device}, others "
-            f"{', '.join(mixed)}); running the PyTorch reference. Cast them to one dtype before the op.",
-        )
-        return None
-    if x.is_cuda and not arch_covered_on(module, x.device):
-        return None
-    if verify and x.is_cuda and not _verified(module, x, fused, normalize, chunk):
-        return None
-    return module
-
-
-def _verified(module: ModuleType, x: torch.Tensor, fused: bool, normalize: bool, chunk: int) -> bool:
-    key = (x.device, x.dtype, fused, normalize, chunk > 0)
-    if key not in _self_checks:
-        if torch.cuda.is_current_stream_capturing():
-            warn_once(
-                "capture",
-                "The GSPN CUDA kernel has not passed its self-check for this dtype and mode before CUDA graph "
-                "capture (the check synchronises); the reference is captured. Run one step before capturing.",
-            )
-            return False
-        problem = self_check(x.device, x.dtype, fused, normalize, chunk or None)
-        _self_checks[key] = not problem
-        if problem:
-            warn_once(
-                f"check{key}",
-                f"The GSPN CUDA kernel failed its self-check ({'fused' if fused else 'single'} scan, {x.dtype}, "
-                f"normalize={normalize}, chunked={chunk > 0}): {problem}. Running the PyTorch reference for this "
-                "mode; please report this. GSPN_DIFFUSERS_BACKEND=cuda forces the kernel.",
-            )
-    return _self_checks[key]
-
-
-def _reference_on(error: RuntimeError) -> bool:
-    """Kernel errors that a valid input can hit: a line too long for shared memory, no kernel image for the GPU."""
-    text = str(error)
-    if "does not fit in shared memory" in text:
-        warn_once("line", f"{text} Running the PyTorch reference for such sizes.")
-        return True
-    if "no kernel image is available" in text:
-        warn_once("image", f"The GSPN CUDA kernel has no code for this GPU ({text}); running the PyTorch reference.")
-        return True
-    return False
 
 
 # ---- Custom ops ----------------------------------------------------------------------------------------------
@@ -223,7 +104,7 @@ def _scan_op(
             h, final = module.scan_forward(x, lam, gate_logits, direction, chunk, initial_state, True, _tile())
             return h, final
         except RuntimeError as error:
-            if not _reference_on(error):
+            if not reference_on(error):
                 raise
     h, final = gspn_scan_reference(x, lam, gate_logits, DIRECTIONS[direction], chunk or None, initial_state, True)
     return h.contiguous(), final.contiguous()
@@ -256,7 +137,7 @@ def _scan_backward_op(
             )
             return gx, glam, ggate, _absent(x) if gstate is None else gstate
         except RuntimeError as error:
-            if not _reference_on(error):
+            if not reference_on(error):
                 raise
     gx, glam, ggate, gstate = _reference_grads(
         lambda *a: gspn_scan_reference(*a[:3], DIRECTIONS[direction], chunk or None, a[3], True),
@@ -309,7 +190,7 @@ def _fused_op(
         try:
             return module.fused_forward(x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile())
         except RuntimeError as error:
-            if not _reference_on(error):
+            if not reference_on(error):
                 raise
     return gspn_scan_fused_reference(x, lam, gate_logits, u, merge, skip, chunk or None, normalize, eps).contiguous()
 
@@ -339,7 +220,7 @@ def _fused_backward_op(
             grads = module.fused_backward(grad_y, x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile())
             return (*grads[:5], _absent(x) if grads[5] is None else grads[5])
         except RuntimeError as error:
-            if not _reference_on(error):
+            if not reference_on(error):
                 raise
     grads = _reference_grads(
         lambda *a: gspn_scan_fused_reference(*a, chunk or None, normalize, eps),
@@ -403,64 +284,6 @@ def cuda_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, n
     """:func:`gspn_scan_fused_reference` computed by the kernel where the policy allows."""
     verify = requested_backend() == "auto"
     return _fused_op(x, lam, gate_logits, u, merge, skip, _chunk(chunk_size), normalize, eps, verify)
-
-
-# ---- Self-check ----------------------------------------------------------------------------------------------
-
-# Tolerances (relative to the largest reference value) for forward and gradients.
-_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 6e-2}
-
-
-def _max_rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.detach().double().abs().max().clamp_min(1e-6)
-    return float((got.detach().double() - expected.detach().double()).abs().max() / scale)
-
-
-def self_check(device: torch.device, dtype: torch.dtype, fused: bool, normalize: bool, chunk_size: int | None) -> str:
-    """Kernel vs reference, forward and gradients, on one small random case; returns '' or what disagreed."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    b, h, w, c, g = 2, 5, 7, 24, 12
-
-    def rand(*shape, low=-1.0, high=1.0):
-        return (torch.rand(*shape, generator=gen, device=device) * (high - low) + low).to(dtype)
-
-    x, lam = rand(b, h, w, c), rand(b, h, w, c, low=0.1, high=1.0)
-    if fused:
-        inputs = [x, lam, rand(b, h, w, 4, 3, g, low=-2, high=2), rand(b, h, w, 4, c), rand(4, c), rand(c)]
-        names = ["output", "grad x", "grad lam", "grad gates", "grad u", "grad merge", "grad skip"]
-
-        def run(fn, *args):
-            return fn(*args, chunk_size=chunk_size, normalize=normalize)
-
-        kernel, reference = kernel_scan_fused, gspn_scan_fused_reference
-    else:
-        # With a carried state (what line-block inference runs): h and the final state are both checked.
-        inputs = [x, lam, rand(b, h, w, 3, g, low=-2, high=2), rand(b, w, c)]
-        names = ["output and final state", "grad x", "grad lam", "grad gates", "grad initial state"]
-
-        def run(fn, *args):
-            out, final = fn(*args[:3], "bottom_to_top", chunk_size, args[3], True)
-            return torch.cat([out.flatten(), final.flatten()])
-
-        kernel, reference = kernel_scan, gspn_scan_reference
-    tol = _CHECK_TOLERANCE[dtype]
-    with torch.enable_grad():
-        results = []
-        for fn in (kernel, reference):
-            leaves = [t.detach().clone().requires_grad_() for t in inputs]
-            out = run(fn, *leaves)
-            grad = torch.linspace(-1, 1, out.numel(), device=device, dtype=out.dtype).reshape(out.shape)
-            out.backward(grad)
-            results.append([out, *(leaf.grad for leaf in leaves)])
-    for index, (name, got, expected) in enumerate(zip(names, *results, strict=True)):
-        if got is None and expected is None:
-            continue
-        if got is None or expected is None:
-            return f"{name}: one side has no gradient"
-        err = _max_rel_error(got, expected)
-        if not err <= (tol if index == 0 else 3 * tol):
-            return f"{name} differs from the reference by {err:.2e} (relative)"
-    return ""
 
 
 CUDA_BACKEND = Backend("cuda", cuda_scan, cuda_scan_fused)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..ops import cuda as compiled
+from ..ops import extension, policy
 from ..ops.backend import requested_backend
 
 # The share of the free memory a stage may plan to use: the rest covers cuBLAS/cuDNN workspaces and allocator
@@ -29,8 +29,8 @@ def gspn_backend_for(device: torch.device) -> str:
     """
     if device.type != "cuda" or requested_backend() not in ("auto", "cuda"):
         return "reference"
-    module = compiled.load_extension()
-    return "kernel" if module is not None and compiled.arch_covered_on(module, device) else "reference"
+    module = extension.load_extension()
+    return "kernel" if module is not None and policy.arch_covered_on(module, device) else "reference"
 
 
 def memory_budget(device: torch.device, max_memory: int | None) -> float | None:
