@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import TypeVar
 
 import torch
 
@@ -38,6 +40,7 @@ from .extension import (  # noqa: F401 - the loader's names are part of this mod
 from .policy import kernel_for, reference_on
 from .reference import DIRECTIONS, gspn_scan_fused_reference, gspn_scan_reference
 
+T = TypeVar("T")
 TILE_ENV = "GSPN_DIFFUSERS_CUDA_TILE"  # channels per block (power of two <= 16); 0 = heuristic
 
 
@@ -82,9 +85,23 @@ def _unaliased(t: torch.Tensor, storages: set[int]) -> torch.Tensor:
     return t.clone() if t.untyped_storage().data_ptr() in storages else t
 
 
-def _absent(x: torch.Tensor) -> torch.Tensor:
+def _kernel_or_reference(
+    module: ModuleType | None, kernel: Callable[[ModuleType], T], reference: Callable[[], T]
+) -> T:
+    """``kernel(module)``, or ``reference()`` where the policy gave no module or the kernel met a limit that a valid
+    input can hit (a line too long for shared memory, no code for the GPU); any other kernel error is raised."""
+    if module is not None:
+        try:
+            return kernel(module)
+        except RuntimeError as error:
+            if not reference_on(error):
+                raise
+    return reference()
+
+
+def _or_absent(grad: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """Custom ops return tensors only: an empty tensor stands for 'no gradient' (absent skip or state)."""
-    return x.new_empty(0)
+    return x.new_empty(0) if grad is None else grad
 
 
 @torch.library.custom_op("gspn_diffusers::scan", mutates_args=())
@@ -98,15 +115,11 @@ def _scan_op(
     verify: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     others = [lam, gate_logits] + ([initial_state] if initial_state is not None else [])
-    module = kernel_for(x, others, fused=False, normalize=False, chunk=chunk, verify=verify)
-    if module is not None:
-        try:
-            h, final = module.scan_forward(x, lam, gate_logits, direction, chunk, initial_state, True, _tile())
-            return h, final
-        except RuntimeError as error:
-            if not reference_on(error):
-                raise
-    h, final = gspn_scan_reference(x, lam, gate_logits, DIRECTIONS[direction], chunk or None, initial_state, True)
+    h, final = _kernel_or_reference(
+        kernel_for(x, others, fused=False, normalize=False, chunk=chunk, verify=verify),
+        lambda m: m.scan_forward(x, lam, gate_logits, direction, chunk, initial_state, True, _tile()),
+        lambda: gspn_scan_reference(x, lam, gate_logits, DIRECTIONS[direction], chunk or None, initial_state, True),
+    )
     return h.contiguous(), final.contiguous()
 
 
@@ -129,27 +142,21 @@ def _scan_backward_op(
     verify: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     others = [lam, gate_logits, grad_h] + [t for t in (initial_state, grad_final) if t is not None]
-    module = kernel_for(x, others, fused=False, normalize=False, chunk=chunk, verify=verify)
-    if module is not None:
-        try:
-            gx, glam, ggate, gstate = module.scan_backward(
-                grad_h, x, lam, gate_logits, direction, chunk, initial_state, grad_final, _tile()
-            )
-            return gx, glam, ggate, _absent(x) if gstate is None else gstate
-        except RuntimeError as error:
-            if not reference_on(error):
-                raise
-    gx, glam, ggate, gstate = _reference_grads(
-        lambda *a: gspn_scan_reference(*a[:3], DIRECTIONS[direction], chunk or None, a[3], True),
-        (x, lam, gate_logits, initial_state),
-        (grad_h, grad_final),
+    gx, glam, ggate, gstate = _kernel_or_reference(
+        kernel_for(x, others, fused=False, normalize=False, chunk=chunk, verify=verify),
+        lambda m: m.scan_backward(grad_h, x, lam, gate_logits, direction, chunk, initial_state, grad_final, _tile()),
+        lambda: _reference_grads(
+            lambda *a: gspn_scan_reference(*a[:3], DIRECTIONS[direction], chunk or None, a[3], True),
+            (x, lam, gate_logits, initial_state),
+            (grad_h, grad_final),
+        ),
     )
-    return gx, glam, ggate, _absent(x) if gstate is None else gstate
+    return gx, glam, ggate, _or_absent(gstate, x)
 
 
 @_scan_backward_op.register_fake
 def _(grad_h, grad_final, x, lam, gate_logits, direction, chunk, initial_state, verify):
-    state = _absent(x) if initial_state is None else initial_state.new_empty(initial_state.shape)
+    state = x.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape)
     return x.new_empty(x.shape), lam.new_empty(lam.shape), gate_logits.new_empty(gate_logits.shape), state
 
 
@@ -185,14 +192,11 @@ def _fused_op(
     verify: bool,
 ) -> torch.Tensor:
     # merge and skip may be fp32 parameters beside low-precision activations: the kernel reads either.
-    module = kernel_for(x, [lam, gate_logits, u], fused=True, normalize=normalize, chunk=chunk, verify=verify)
-    if module is not None:
-        try:
-            return module.fused_forward(x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile())
-        except RuntimeError as error:
-            if not reference_on(error):
-                raise
-    return gspn_scan_fused_reference(x, lam, gate_logits, u, merge, skip, chunk or None, normalize, eps).contiguous()
+    return _kernel_or_reference(
+        kernel_for(x, [lam, gate_logits, u], fused=True, normalize=normalize, chunk=chunk, verify=verify),
+        lambda m: m.fused_forward(x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile()),
+        lambda: gspn_scan_fused_reference(x, lam, gate_logits, u, merge, skip, chunk or None, normalize, eps),
+    ).contiguous()
 
 
 @_fused_op.register_fake
@@ -214,25 +218,21 @@ def _fused_backward_op(
     eps: float,
     verify: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    module = kernel_for(x, [lam, gate_logits, u, grad_y], fused=True, normalize=normalize, chunk=chunk, verify=verify)
-    if module is not None:
-        try:
-            grads = module.fused_backward(grad_y, x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile())
-            return (*grads[:5], _absent(x) if grads[5] is None else grads[5])
-        except RuntimeError as error:
-            if not reference_on(error):
-                raise
-    grads = _reference_grads(
-        lambda *a: gspn_scan_fused_reference(*a, chunk or None, normalize, eps),
-        (x, lam, gate_logits, u, merge, skip),
-        (grad_y,),
+    grads = _kernel_or_reference(
+        kernel_for(x, [lam, gate_logits, u, grad_y], fused=True, normalize=normalize, chunk=chunk, verify=verify),
+        lambda m: m.fused_backward(grad_y, x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, _tile()),
+        lambda: _reference_grads(
+            lambda *a: gspn_scan_fused_reference(*a, chunk or None, normalize, eps),
+            (x, lam, gate_logits, u, merge, skip),
+            (grad_y,),
+        ),
     )
-    return (*grads[:5], _absent(x) if grads[5] is None else grads[5])
+    return (*grads[:5], _or_absent(grads[5], x))
 
 
 @_fused_backward_op.register_fake
 def _(grad_y, x, lam, gate_logits, u, merge, skip, chunk, normalize, eps, verify):
-    grad_skip = _absent(x) if skip is None else skip.new_empty(skip.shape)
+    grad_skip = x.new_empty(0) if skip is None else skip.new_empty(skip.shape)
     return (*(t.new_empty(t.shape) for t in (x, lam, gate_logits, u, merge)), grad_skip)
 
 
