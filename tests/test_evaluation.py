@@ -27,7 +27,7 @@ from gspn_diffusers.evaluation import (
 )
 from gspn_diffusers.evaluation.clip_t import clip_checkpoint
 from gspn_diffusers.evaluation.fid import fid_image, fid_weights_cache_path
-from gspn_diffusers.evaluation.tiny_metrics import TinyFeatureExtractor, tiny_clip
+from gspn_diffusers.evaluation.tiny_metrics import TinyFeatureExtractor, register_tiny_clip, tiny_clip
 from gspn_diffusers.tiny import tiny_pipeline
 
 SIZE = 64
@@ -362,13 +362,7 @@ def test_clip_weights_load_from_a_local_file(tmp_path):
 
     from gspn_diffusers.evaluation import load_clip
 
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "gspn-test-tiny-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "gspn-test-tiny-clip.json")
+    register_tiny_clip(tmp_path, "gspn-test-tiny-clip")
     torch.manual_seed(1)
     source = open_clip.create_model("gspn-test-tiny-clip")
     weights = tmp_path / "open_clip_model.safetensors"

@@ -38,7 +38,7 @@ from gspn_diffusers.evaluation import (
 )
 from gspn_diffusers.evaluation.fid import custom_fid_backend, fid_image
 from gspn_diffusers.evaluation.reference import reference_files, reference_statistics
-from gspn_diffusers.evaluation.tiny_metrics import TinyFeatureExtractor, tiny_clip
+from gspn_diffusers.evaluation.tiny_metrics import TinyFeatureExtractor, register_tiny_clip, tiny_clip
 from gspn_diffusers.serialization import load_gspn, save_gspn
 from gspn_diffusers.tiny import tiny_pipeline
 
@@ -323,26 +323,14 @@ def test_torchmetrics_backend_loads_a_local_inception_file(coco, tmp_path):
     assert fid["model"].startswith("torchmetrics Inception-v3")
 
 
-def _tiny_clip_file(tmp_path) -> str:
-    import open_clip
-
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "gspn-test-tiny-clip-2.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "gspn-test-tiny-clip-2.json")
-    return "gspn-test-tiny-clip-2"
-
-
 @pytest.mark.parametrize("which", ["torchmetrics", "clean-fid", "clip"])
 def test_junk_metric_weights_are_refused_before_any_image(coco, tmp_path, which):
     """A truncated or wrong weights file is loaded and refused, naming the file, before the pipeline loads."""
     junk = tmp_path / ("clip.safetensors" if which == "clip" else "inception.pth")
     junk.write_bytes(b"<html>404 Not Found</html>")
     if which == "clip":
-        config = _config(coco, tmp_path / "run", clip_model=_tiny_clip_file(tmp_path), clip_pretrained=str(junk))
+        clip_model = register_tiny_clip(tmp_path, "gspn-test-tiny-clip-2")
+        config = _config(coco, tmp_path / "run", clip_model=clip_model, clip_pretrained=str(junk))
         kwargs = {"fid_feature_extractor": TinyFeatureExtractor()}
     else:
         config = _config(coco, tmp_path / "run", fid_backend=which, fid_weights=str(junk))
