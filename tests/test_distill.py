@@ -42,6 +42,8 @@ from gspn_diffusers.distill.train import main
 from gspn_diffusers.serialization import WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 RESOLUTION = 64
 SIZES = [(96, 64), (64, 80), (72, 72), (128, 64), (64, 64), (80, 112)]  # (width, height): several aspect ratios
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange"]
@@ -180,15 +182,6 @@ def fixed_batch_losses(kind: str, records, weights_dir: Path) -> dict[str, float
             inputs.timesteps, inputs.target, inputs.unet_kwargs, LossWeights(),
         )  # fmt: skip
     return {term: value.item() for term, value in losses.items()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models are all per-op overhead: one thread is faster, and ~10x so on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _records(flags: list[str]):

@@ -37,6 +37,8 @@ from gspn_diffusers.distill.train import check_args, main
 from gspn_diffusers.serialization import WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -49,14 +51,6 @@ def _reset_accelerate() -> None:
 def fresh_accelerate_state():
     yield
     _reset_accelerate()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _env() -> dict[str, str]:
