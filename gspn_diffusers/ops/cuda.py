@@ -37,7 +37,7 @@ from .extension import (  # noqa: F401 - the loader's names are part of this mod
     module_for,
     source_paths,
 )
-from .policy import kernel_for, reference_on
+from .policy import kernel_for, reference_on, warn_once
 from .reference import DIRECTIONS, gspn_scan_fused_reference, gspn_scan_reference
 
 T = TypeVar("T")
@@ -258,10 +258,31 @@ def _chunk(chunk_size: int | None) -> int:
     return 0 if chunk_size is None else int(chunk_size)
 
 
+def _edge_rows_on_reference(x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state, edge_rows):
+    """The kernel does not take band edges yet: the reference runs them, with one warning."""
+    warn_once(
+        "edge_rows",
+        "The GSPN kernel does not take edge_rows (band edges) yet; running the PyTorch reference for these scans.",
+    )
+    args = (chunk_size, initial_state, return_final_state, edge_rows)
+    return gspn_scan_reference(x, lam, gate_logits, direction, *args)
+
+
 def kernel_scan(
-    x, lam, gate_logits, direction: str, chunk_size: int | None = None, initial_state=None, return_final_state=False
+    x,
+    lam,
+    gate_logits,
+    direction: str,
+    chunk_size: int | None = None,
+    initial_state=None,
+    return_final_state=False,
+    edge_rows=None,
 ):
     """The kernel on x's device (CUDA, or the emulation for CPU tensors) without the self-check."""
+    if edge_rows is not None:
+        return _edge_rows_on_reference(
+            x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state, edge_rows
+        )
     h, final = _scan_op(x, lam, gate_logits, DIRECTIONS.index(direction), _chunk(chunk_size), initial_state, False)
     return (h, final) if return_final_state else h
 
@@ -272,9 +293,20 @@ def kernel_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None,
 
 
 def cuda_scan(
-    x, lam, gate_logits, direction: str, chunk_size: int | None = None, initial_state=None, return_final_state=False
+    x,
+    lam,
+    gate_logits,
+    direction: str,
+    chunk_size: int | None = None,
+    initial_state=None,
+    return_final_state=False,
+    edge_rows=None,
 ):
     """:func:`gspn_scan_reference` computed by the kernel where the policy allows (``auto``: once self-checked)."""
+    if edge_rows is not None:
+        return _edge_rows_on_reference(
+            x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state, edge_rows
+        )
     verify = requested_backend() == "auto"
     h, final = _scan_op(x, lam, gate_logits, DIRECTIONS.index(direction), _chunk(chunk_size), initial_state, verify)
     return (h, final) if return_final_state else h
