@@ -1,0 +1,198 @@
+"""Patch parallelism on real torch.distributed (gloo, 2 and 3 processes, tiny models, one thread each).
+
+``sync`` must give the single-process latent; ``stale`` must stay far closer to it than ``naive``; a CFG split is
+exact; failures stop every process with one message. Pure functions (band plan, GroupNorm statistics, GSPN band
+scans with the true boundary lines) are tested in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from patch_parallel_cases import build_pipe, run_case, worker
+
+from gspn_diffusers.ops import DIRECTIONS, gspn_scan
+from gspn_diffusers.parallel import ParallelConfigError, plan_bands
+from gspn_diffusers.parallel.gspn import band_scans, edge_packs, vertical_state_needed
+from gspn_diffusers.parallel.layers import band_group_stats, combine_stats
+
+SYNC_TOL = 1e-4
+
+
+# ---------------------------------------------------------------------- in-process
+@pytest.mark.parametrize("height,bands,factor", [(64, 2, 8), (100, 3, 8), (13, 3, 2), (9, 4, 2), (128, 8, 4)])
+def test_band_plan(height, bands, factor):
+    plan = plan_bands(height, 40, bands, factor)
+    assert plan.bounds[0] == 0 and plan.bounds[-1] == height
+    assert all(edge % factor == 0 for edge in plan.bounds[1:-1])
+    groups = [-(-h // factor) for h in plan.heights()]
+    assert max(groups) - min(groups) <= 1 and min(groups) >= 1
+    for level in range(plan.levels):  # each level's bands tile that level's rows (rows halved, rounded up)
+        assert sum(plan.heights(level)) == plan.level_height(level)
+
+
+def test_band_plan_too_small():
+    with pytest.raises(ParallelConfigError, match="cannot be split into 3 bands"):
+        plan_bands(16, 16, 3, 8)
+
+
+def test_group_stats_combine_to_whole_image():
+    x = torch.randn(2, 8, 11, 5, dtype=torch.float64) * 3 + 1
+    parts = [x[:, :, :4], x[:, :, 4:6], x[:, :, 6:]]
+    mean, var = combine_stats([band_group_stats(p, 4) for p in parts])
+    whole = x.reshape(2, 4, -1)
+    torch.testing.assert_close(mean, whole.mean(-1))
+    torch.testing.assert_close(var, whole.var(-1, correction=0))
+
+
+@pytest.mark.parametrize("chunk", [None, 2, 3, 4])
+@pytest.mark.parametrize("bounds", [(0, 4, 8, 11), (0, 2, 6, 11)])
+def test_gspn_band_scans_with_true_boundary_lines_equal_the_whole_scan(chunk, bounds):
+    torch.manual_seed(0)
+    b, h, w, c, g = 2, 11, 5, 6, 3
+    x, lam = torch.randn(b, h, w, c, dtype=torch.float64), torch.rand(b, h, w, c, dtype=torch.float64) + 0.1
+    gates = [torch.randn(b, h, w, 3, g, dtype=torch.float64) for _ in DIRECTIONS]
+    whole = [gspn_scan(x, lam, gt, d, chunk) for gt, d in zip(gates, DIRECTIONS, strict=True)]
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        needed = (start > 0 and vertical_state_needed(start, chunk), end < h and vertical_state_needed(end, chunk))
+        above, below = edge_packs(whole, needed, max(start - 1, 0), min(end, h - 1))
+        band = band_scans(
+            x[:, start:end],
+            lam[:, start:end],
+            [gt[:, start:end] for gt in gates],
+            chunk,
+            (start, end),
+            h,
+            above if start > 0 else None,
+            below if end < h else None,
+            needed,
+        )
+        for d, (got, want) in enumerate(zip(band, whole, strict=True)):
+            torch.testing.assert_close(got, want[:, start:end], msg=f"{DIRECTIONS[d]} band {start}:{end}")
+
+
+# ---------------------------------------------------------------------- multi-process
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, cases: list[dict], tmp_path, expect_failure: bool = False) -> list[dict]:
+    out = str(tmp_path)
+    start = time.perf_counter()
+    try:
+        mp.start_processes(worker, args=(world, _free_port(), cases, out), nprocs=world, start_method="spawn")
+    except mp.ProcessRaisedException:
+        if not expect_failure:
+            raise
+    elapsed = time.perf_counter() - start
+    results = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    results[0]["_elapsed"] = elapsed
+    return results
+
+
+SYNC_CASES = [
+    dict(name="sd15_attn_odd", kind="sd15", mode="sync", height=104, width=64, steps=3),
+    dict(name="sdxl_attn", kind="sdxl", mode="sync", height=96, width=64, steps=3),
+    dict(name="sd15_gspn", kind="sd15", gspn=True, mode="sync", height=96, width=72, steps=3),
+    dict(name="sdxl_gspn_odd", kind="sdxl", gspn=True, mode="sync", height=104, width=64, steps=3),
+    dict(name="sdxl_gspn_hires", kind="sdxl", gspn=True, hires=True, mode="sync", height=128, width=256, steps=4),
+    dict(
+        name="sd15_attn_hires", kind="sd15", hires=True, mode="sync", height=256, width=128, steps=4, local="windows"
+    ),
+]
+STALE_CASES = [
+    dict(
+        name=f"{kind}_{attn}_{mode}",
+        kind="sd15",
+        gspn=attn == "gspn",
+        mode=mode,
+        height=96,
+        width=64,
+        steps=10,
+        warmup=2,
+    )
+    for kind in ("sd15",)
+    for attn in ("gspn", "attn")
+    for mode in ("stale", "naive")
+]
+FAILURE_CASES = [
+    dict(name="too_small", kind="sd15", mode="sync", height=32, width=64, steps=2),  # 4 rows = 2 groups
+    dict(name="cfg_odd_world", kind="sd15", mode="sync", height=64, width=64, steps=2, split_cfg=True),
+]
+CFG_CASES = [dict(name="sd15_cfg", kind="sd15", gspn=True, mode="sync", height=96, width=64, steps=3, split_cfg=True)]
+
+
+@pytest.fixture(scope="module")
+def references(one_thread):
+    refs, pipes = {}, {}
+    for case in SYNC_CASES + STALE_CASES + CFG_CASES:
+        key = (case["kind"], case.get("gspn", False), case.get("hires", False))
+        pipes.setdefault(key, build_pipe(*key))
+        refs[case["name"]] = run_case(pipes[key], case)
+    return refs
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return _spawn(2, SYNC_CASES + STALE_CASES + CFG_CASES, tmp_path_factory.mktemp("two"))
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    return _spawn(3, SYNC_CASES + STALE_CASES + FAILURE_CASES, tmp_path_factory.mktemp("three"))
+
+
+def _error(results, references, name):
+    return (results[0][name]["latent"] - references[name]).abs()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", [c["name"] for c in SYNC_CASES])
+def test_sync_equals_single_process(request, references, world, name):
+    results = request.getfixturevalue({2: "two", 3: "three"}[world])
+    err = _error(results, references, name).max().item()
+    assert err < SYNC_TOL, f"{name} on {world} processes: max abs latent error {err:.3g}"
+    for rank_results in results:  # every process ends with the same latent, and the UNet is restored
+        torch.testing.assert_close(rank_results[name]["latent"], results[0][name]["latent"], rtol=0, atol=0)
+        assert rank_results[name]["restored"]
+    assert any(call["bytes_sent"] > 0 for call in results[0][name]["calls"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("attn", ["gspn", "attn"])
+def test_stale_is_far_closer_than_naive(request, references, world, attn):
+    results = request.getfixturevalue({2: "two", 3: "three"}[world])
+    stale = _error(results, references, f"sd15_{attn}_stale").mean().item()
+    naive = _error(results, references, f"sd15_{attn}_naive").mean().item()
+    print(f"{attn} N={world}: mean abs latent error stale {stale:.4g}, naive {naive:.4g}, ratio {naive / stale:.1f}")
+    assert stale < naive / 3
+    calls = results[0][f"sd15_{attn}_stale"]["calls"]
+    assert [c["exact"] for c in calls[:2]] == [True, True] and not any(c["exact"] for c in calls[2:])
+
+
+def test_cfg_split_equals_single_process(two, references):
+    err = _error(two, references, "sd15_cfg").max().item()
+    assert err < SYNC_TOL
+
+
+def test_failures_stop_every_process_with_one_message(three):
+    for rank_results in three:
+        assert "cannot be split into 3 bands" in rank_results["too_small"]["error"]
+        assert "even number of processes" in rank_results["cfg_odd_world"]["error"]
+
+
+def test_a_failing_process_stops_the_others(tmp_path):
+    """Process 1 fails inside the UNet and stays alive (lingers): process 0 stops at once with its message."""
+    case = dict(name="fail", kind="sd15", mode="stale", warmup=1, height=64, width=64, steps=3, fail_rank=1, linger=20)
+    results = _spawn(2, [case], tmp_path, expect_failure=True)
+    assert "injected failure" in results[1]["fail"]["error"]
+    assert results[0]["fail"]["type"] == "PeerFailedError"
+    assert "process 1: RuntimeError: injected failure in conv_in" in results[0]["fail"]["error"]
+    assert results[0]["fail"]["seconds"] < 15  # not the 60 s collective timeout, nor the 20 s linger
