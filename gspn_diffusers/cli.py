@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -17,10 +18,12 @@ from .cli_args import (
     add_config_args,
     add_hires_args,
     add_model_args,
+    add_parallel_args,
     check_checkpoint_output,
     check_device,
     check_hires_args,
     check_image_output,
+    check_parallel_args,
     config_flags_given,
     config_from_args,
     pixel_size,
@@ -97,14 +100,17 @@ def run_generate(args: argparse.Namespace) -> None:
     output = check_image_output(args.output)
     _check_weight_flags(args)
     check_hires_args(args)
+    check_parallel_args(args)
     import torch
 
     from .convert import convert, get_unet
     from .loading import load_pipeline
+    from .parallel.cli_support import ParallelGeneration
     from .pipelines.cli_support import hires_pipeline_for, save_image, save_stage_images
     from .serialization import check_gspn, load_gspn
 
     weights = check_gspn(args.gspn_weights) if args.gspn_weights is not None else None
+    parallel = ParallelGeneration(args)  # --parallel: joins the process group before the model loads
     pipe = load_pipeline(args.model, args.tiny, args.device, args.dtype)
     if weights is not None:
         load_gspn(pipe, weights)
@@ -113,16 +119,20 @@ def run_generate(args: argparse.Namespace) -> None:
         convert(pipe, config_from_args(args, get_unet(pipe)))
     pipe, hires_kwargs = hires_pipeline_for(pipe, args)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    result = pipe(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        generator=generator,
-        **hires_kwargs,
-    )
+    with parallel.around(pipe) as parallel_kwargs:  # --parallel: this process runs its band of every UNet call
+        result = pipe(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            generator=generator,
+            **hires_kwargs,
+            **parallel_kwargs,
+        )
+    if not parallel.saves:  # process 0 saves
+        return
     image = result.images[0]
     save_image(image, output)
     save_stage_images(result, output)
@@ -153,6 +163,7 @@ def add_generate_parser(subparsers) -> None:
         "--output", default="gspn_outputs/image.png", help="Image path to write (.png, .jpg, .webp, ...)."
     )
     add_hires_args(parser)
+    add_parallel_args(parser)
     parser.set_defaults(func=run_generate)
 
 
@@ -188,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GSPNUserError as error:
         if args.verbose:
             raise
-        logger.error("%s", error)
+        if not (getattr(error, "everywhere", False) and os.environ.get("RANK", "0") != "0"):  # --parallel: once
+            logger.error("%s", error)
         return 2
     except (ValueError, TypeError, OSError) as error:  # what the libraries underneath raise for bad input
         if args.verbose:

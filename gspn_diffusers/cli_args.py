@@ -197,3 +197,36 @@ def check_checkpoint_output(path: str | Path, overwrite: bool) -> Path:
             "another folder."
         )
     return path
+
+
+PARALLEL_KINDS = ("patch", "cfg")
+PARALLEL_MODES = ("stale", "sync", "naive")
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """Patch parallelism over the processes of ``torchrun --nproc-per-node N`` (gspn_diffusers.parallel)."""
+    group = parser.add_argument_group("several GPUs for one image (run under torchrun --nproc-per-node N)")
+    group.add_argument(
+        "--parallel",
+        choices=PARALLEL_KINDS,
+        default=None,
+        help="patch: each process denoises a band of latent rows (DistriFusion); cfg: also split the CFG halves "
+        "over two groups of processes (an even number).",
+    )
+    group.add_argument(
+        "--parallel-mode",
+        choices=PARALLEL_MODES,
+        default="stale",
+        help="stale: after warm-up, exchange the previous step's boundary values behind the compute; sync: every "
+        "step exact; naive: no exchange (the baseline).",
+    )
+    group.add_argument(
+        "--warmup-steps", type=int, default=4, help="Exact, synchronous steps at the start of each schedule (>= 0)."
+    )
+
+
+def check_parallel_args(args: argparse.Namespace) -> None:
+    if getattr(args, "warmup_steps", 0) < 0:
+        raise GSPNUserError(f"--warmup-steps {args.warmup_steps}: must be >= 0.")
+    if getattr(args, "parallel", None) is None and (args.parallel_mode != "stale" or args.warmup_steps != 4):
+        raise GSPNUserError("--parallel-mode and --warmup-steps apply with --parallel patch|cfg only.")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from gspn_diffusers.parallel.gspn import band_scans, edge_packs, vertical_state_
 from gspn_diffusers.parallel.layers import band_group_stats, combine_stats
 
 SYNC_TOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------- in-process
@@ -196,3 +200,37 @@ def test_a_failing_process_stops_the_others(tmp_path):
     assert results[0]["fail"]["type"] == "PeerFailedError"
     assert "process 1: RuntimeError: injected failure in conv_in" in results[0]["fail"]["error"]
     assert results[0]["fail"]["seconds"] < 15  # not the 60 s collective timeout, nor the 20 s linger
+
+
+def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "-m", "gspn_diffusers.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+
+def test_cli_generate_parallel(tmp_path):
+    out = tmp_path / "img.png"
+    run = _torchrun(
+        2, "generate", "--tiny", "sd15", "--prompt", "x", "--height", "64", "--width", "64", "--steps", "3",
+        "--parallel", "patch", "--warmup-steps", "1", "--output", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert out.is_file()
+    assert run.stderr.count("Saved 64x64 image") == 1  # process 0 saves
+
+
+def test_cli_parallel_failure_is_one_line(tmp_path):
+    run = _torchrun(
+        3, "generate", "--tiny", "sd15", "--prompt", "x", "--height", "64", "--width", "64", "--steps", "2",
+        "--parallel", "cfg", "--output", str(tmp_path / "img.png"),
+    )  # fmt: skip
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "even number of processes" in errors[0]  # every process saw it; process 0 says it
+
+
+def test_cli_parallel_modes_are_the_library_modes():
+    from gspn_diffusers.cli_args import PARALLEL_MODES
+    from gspn_diffusers.parallel import MODES
+
+    assert PARALLEL_MODES == MODES
