@@ -20,9 +20,10 @@ import torch.multiprocessing as mp
 from patch_parallel_cases import build_pipe, run_case, worker
 
 from gspn_diffusers.ops import DIRECTIONS, gspn_scan
-from gspn_diffusers.parallel import ParallelConfigError, plan_bands
+from gspn_diffusers.parallel import ParallelConfigError, downsampling_factor, plan_bands
 from gspn_diffusers.parallel.gspn import band_scans, edge_packs, vertical_state_needed
 from gspn_diffusers.parallel.layers import band_group_stats, combine_stats
+from gspn_diffusers.parallel.traffic import call_bytes, layer_inventory
 
 SYNC_TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +180,20 @@ def test_stale_is_far_closer_than_naive(request, references, world, attn):
     assert stale < naive / 3
     calls = results[0][f"sd15_{attn}_stale"]["calls"]
     assert [c["exact"] for c in calls[:2]] == [True, True] and not any(c["exact"] for c in calls[2:])
+
+
+@pytest.mark.parametrize("attn", ["gspn", "attn"])
+def test_traffic_model_matches_the_counted_bytes(two, attn):
+    """The layer-shape model (used for SD-XL at 16384x8192) counts exactly what the communication layer counted."""
+    unet = build_pipe("sd15", attn == "gspn", False).unet
+    layers = layer_inventory(unet)
+    plan = plan_bands(12, 8, 2, downsampling_factor(unet.config))  # the stale cases' 96x64 px latent
+    for rank, results in enumerate(two):
+        calls = results[f"sd15_{attn}_stale"]["calls"]
+        for exact in (True, False):
+            call = next(c for c in calls if c["exact"] == exact)
+            model = call_bytes(layers, plan, rank, 2, 4, 4, gspn=attn == "gspn", exact=exact)
+            assert call["bytes_sent"] == model, (rank, exact)
 
 
 def test_cfg_split_equals_single_process(two, references):
