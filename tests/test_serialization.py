@@ -50,7 +50,7 @@ def test_only_gspn_keys_are_saved(tmp_path):
     gspn_diffusers.save_gspn(pipe, tmp_path)
     keys = set(load_file(tmp_path / WEIGHTS_NAME))
     assert keys == set(gspn_diffusers.gspn_parameters(pipe))
-    assert all(".attn1.processor." in k for k in keys)
+    assert all(".attn1.gspn." in k for k in keys)
     document = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert document["config"]["preset"] == "sd15" and len(document["layers"]) == 7
 
