@@ -419,3 +419,61 @@ def test_convert_checks_every_layer_before_it_changes_any():
     assert all(unet.attn_processors[k] is v for k, v in processors.items())
     assert set(unet.state_dict()) == set(state)
     assert not any(hasattr(a, "gspn") for a in self_attention_layers(unet).values())
+
+
+# ------------------------------------------------------------------ Diffusers' fast-pipeline contracts, both models
+@pytest.fixture(params=["original", "gspn"])
+def either_pipe(request, kind, reference):
+    pipe = tiny_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    if request.param == "gspn":
+        convert_perturbed(pipe)
+    return pipe
+
+
+def test_contract_batch_consistency_and_num_images_per_prompt(either_pipe):
+    single = images(either_pipe)
+    batched = either_pipe(
+        [PROMPT, "a red bicycle"],
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)],
+    ).images
+    np.testing.assert_allclose(batched[:1], single, atol=1e-4, rtol=0)
+    assert images(either_pipe, num_images_per_prompt=2).shape == (2, 64, 64, 3)
+
+
+def test_contract_tuple_output_and_components_rebuild(either_pipe):
+    as_dict = images(either_pipe)
+    as_tuple = either_pipe(
+        PROMPT,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        return_dict=False,
+    )[0]
+    np.testing.assert_array_equal(as_tuple, as_dict)
+    rebuilt = type(either_pipe)(**either_pipe.components)
+    rebuilt.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(images(rebuilt), as_dict)
+
+
+def test_contract_callback_on_step_end_sees_and_changes_latents(either_pipe):
+    seen = []
+
+    def callback(pipe, step, timestep, tensors):
+        seen.append(step)
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    changed = images(either_pipe, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    assert seen == [0, 1] and np.abs(changed - images(either_pipe)).max() > 1e-3
+
+
+def test_contract_runs_in_bfloat16(either_pipe):
+    either_pipe.to(torch.bfloat16)
+    out = images(either_pipe)
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()

@@ -174,9 +174,14 @@ def test_line_block_inference_only_without_grad_and_above_the_threshold(monkeypa
     processor.line_block_tokens = 30
     with torch.no_grad():
         attn(tokens)  # 30 tokens: not above the threshold
-    attn(tokens)  # grad enabled: the whole computation, which autograd can differentiate
     assert not calls
     processor.line_block_tokens = 29
+    attn(tokens)  # above it, but gradients are recorded: the whole computation, which autograd can differentiate
+    assert not calls
+    with torch.no_grad():
+        attn(tokens)
+    assert calls == [1]
+    processor.line_block_tokens = None  # never
     with torch.no_grad():
         attn(tokens)
     assert calls == [1]
