@@ -11,7 +11,7 @@ namespace {
 
 template <typename T>
 __global__ void baseline_line_kernel(const ScanInputs in, int d, int64_t s, T* h) {
-  const Direction g = direction_geometry(in, d);
+  const Direction g = direction_geometry<false>(in, d);
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= in.batch * g.rows * in.channels) return;
   const int64_t c = e % in.channels;
@@ -40,7 +40,7 @@ __global__ void baseline_line_kernel(const ScanInputs in, int d, int64_t s, T* h
 
 template <typename T>
 void launch_baseline(const ScanInputs& in, int direction, void* h, cudaStream_t stream) {
-  const Direction g = direction_geometry(in, direction);
+  const Direction g = direction_geometry<false>(in, direction);
   const int64_t elements = in.batch * g.rows * in.channels;
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((elements + threads - 1) / threads);

@@ -41,12 +41,11 @@ struct EdgePacks {
 template <typename T, int V>
 struct EdgePacks<T, V, false> {};
 
-// Every input of one pack of one line.
+// Every input of one pack of one line (the edge packs a base: no storage without edges).
 template <typename T, int V, bool kEdges>
-struct PackInputs {
+struct PackInputs : EdgePacks<T, V, kEdges> {
   Pack<T, V> x, lam, gate[kNumGates], u;
   Pack<float, V> acc;  // running sum of the earlier directions
-  EdgePacks<T, V, kEdges> edge;
 };
 
 // Per-thread geometry of one pack in the current direction.
@@ -89,12 +88,12 @@ __device__ __forceinline__ void load_pack_inputs(const ScanInputs& in, const Sca
   if constexpr (kEdges) {
     const int64_t column = image_line(g, s - 1);
     if (g.above && p.row == 0) {
-      to.edge.above = load_pack<T, V>(
+      to.above = load_pack<T, V>(
           static_cast<const T*>(in.edge_above) + state_offset(in.edge_above_stride, b, column, p.c0),
           in.edge_above_stride[2], false);
     }
     if (g.below && p.row == g.rows - 1) {
-      to.edge.below = load_pack<T, V>(
+      to.below = load_pack<T, V>(
           static_cast<const T*>(in.edge_below) + state_offset(in.edge_below_stride, b, column, p.c0),
           in.edge_below_stride[2], false);
     }
@@ -115,8 +114,10 @@ __device__ __forceinline__ void load_pack_inputs(const ScanInputs& in, const Sca
   }
 }
 
+// Single channels (V == 1) ask for two blocks of 512 threads per SM: at most 64 registers, what the work split's
+// occupancy model assumes (kForwardV2SingleRegisters; ptxas -v sm_90 bf16: 64, no spill, with or without edges).
 template <typename T, int V, int kUnits, bool kEdges>
-__global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInputs in, const ScanForwardOutputs out) {
+__global__ void __launch_bounds__(kV2MaxThreads, V == 1 ? 2 : 1) forward_kernel_v2(const ScanInputs in, const ScanForwardOutputs out) {
   GSPN_SHARED_FLOATS(smem);
   const int tile = in.tile;
   const int packs_per_row = tile / V;
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInp
   float* const accum = out.accum + (in.split_directions ? d_begin * plane : 0);
 
   for (int d = d_begin; d < d_end; ++d) {
-    const Direction g = direction_geometry(in, d);
+    const Direction g = direction_geometry<kEdges>(in, d);
     const bool first = d == d_begin;
     const bool last = d == d_end - 1 && !in.split_directions;  // writes y
     const bool read_u = up != nullptr && (!factor_u || last);
@@ -213,11 +214,11 @@ __global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInp
             const GateWeights w = gate_weights(logits, r, g);
             EdgeValues edges{0.f, 0.f};
             if constexpr (kEdges) {
-              if (g.above && r == 0) edges.above = load_float(&cur[i].edge.above.v[j]);
-              if (g.below && r == g.rows - 1) edges.below = load_float(&cur[i].edge.below.v[j]);
+              if (g.above && r == 0) edges.above = load_float(&cur[i].above.v[j]);
+              if (g.below && r == g.rows - 1) edges.below = load_float(&cur[i].below.v[j]);
             }
-            h += carried(w, h_prev, r, g, tile, c, edges);
-            if (in.normalize) z += carried(w, z_prev, r, g, tile, c, EdgeValues{0.f, 0.f});  // no edges
+            h += carried<kEdges>(w, h_prev, r, g, tile, c, edges);
+            if (in.normalize) z += carried<false>(w, z_prev, r, g, tile, c, edges);  // never with edges
           }
           h_cur[r * tile + c] = h;
           if (final_line) result.v[j] = store_value<T>(h);
