@@ -123,7 +123,11 @@ def test_a_writable_output_folder_is_created_and_the_probe_removed(tmp_path, cap
     assert out.is_dir() and list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("device", ["gpu", "cuda:x", "meta", "cuda:0 ", "CPU", "cuda:-1", "xpu"])
+BAD_DEVICES = ["gpu", "cuda:x", "meta", "cuda:0 ", "CPU", "cuda:-1", "xpu"]
+
+
+# ids that are not the bare word "gpu": conftest skips tests with that keyword where no GPU is present
+@pytest.mark.parametrize("device", BAD_DEVICES, ids=[f"device={d!r}" for d in BAD_DEVICES])
 def test_device_strings_that_are_not_cpu_cuda_or_mps_are_refused(tmp_path, caplog, device):
     caplog.set_level(logging.ERROR)
     argv = ["generate", "--tiny", "sd15", "--prompt", "x", "--device", device, "--output", str(tmp_path / "a.png")]
@@ -445,3 +449,23 @@ def test_a_cpu_run_of_gigapixels_says_it_takes_hours_and_how_to_stop(caplog, one
     warning = next(r.getMessage() for r in caplog.records if "Ctrl-C stops it" in r.getMessage())
     assert warning.startswith("This 268-megapixel run will take about ") and " on cpu." in warning
     assert warning.split("about ")[1].split(" on")[0].endswith((" h", " days"))
+
+
+def test_the_measured_step_does_not_change_the_image(tmp_path, one_thread):
+    """The cost estimate runs one extra UNet step on the same pipeline (scheduler, processors): the image must be
+    the one the pipeline makes without it, for the same seed."""
+    from gspn_diffusers.tiny import tiny_pipeline
+
+    out = tmp_path / "a.png"
+    argv = ["generate", "--tiny", "sd15", "--original", "--prompt", "a lighthouse", "--steps", "2", "--seed", "3"]
+    assert main([*argv, "--height", "64", "--width", "64", "--output", str(out)]) == 0
+    pipe = tiny_pipeline("sd15")
+    direct = pipe(
+        prompt="a lighthouse",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        generator=torch.Generator(device="cpu").manual_seed(3),
+    ).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(direct))
