@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..convert import gspn_config_of, is_converted
-from ..errors import GSPNUserError, format_size
+from ..errors import GSPNUserError, format_size, is_out_of_memory
 from ..loading import native_size
 from ..safe_write import atomic_path
 from .budget import gspn_backend_for, memory_budget
@@ -203,6 +203,7 @@ def plan_costs(base: Any, pipe: Any, args: argparse.Namespace) -> list[StageCost
     samples = 2 if do_cfg else 1
     weights = _weight_bytes(base)
     budget = memory_budget(device, None)
+    logger.info("Timing one UNet step at %dx%d for the cost estimate", sizes[0][1], sizes[0][0])
     seconds, tokens = measure_unet_step(base, args, *sizes[0])
     per_token = seconds / max(tokens, 1)
     stride = window // 2
@@ -261,7 +262,13 @@ def announce_costs(base: Any, pipe: Any, args: argparse.Namespace) -> list[Stage
     time; warn when a stage will not fit the memory that is free (with the flags that lower it) and when the
     whole run will take hours (with how to stop it). Returns the estimates."""
     device = base._execution_device
-    costs = plan_costs(base, pipe, args)
+    try:
+        costs = plan_costs(base, pipe, args)
+    except Exception as error:  # noqa: BLE001 - an estimate must never stop the generation it describes
+        if is_out_of_memory(error):  # the generation itself would run out too: the CLI says what to lower
+            raise
+        logger.warning("No cost estimate for this run (%s: %s); generating anyway.", type(error).__name__, error)
+        return []
     available = available_memory(device)
     weights = _weight_bytes(base)
     for cost in costs:
