@@ -175,7 +175,7 @@ def plan_run(output_dir: Path, resume_from_checkpoint: str | None, overwrite: bo
         logger.warning("No checkpoint in %s to resume from; starting a new run.", output_dir)
         return RunPlan()
     step = checkpoint_step(checkpoint)
-    stale = _later_results(checkpoint.parent, step) if checkpoint.parent.resolve() == output_dir.resolve() else []
+    stale = _later_results(output_dir, step)  # also when resuming from a checkpoint copied from elsewhere
     return RunPlan(resume=checkpoint, step=step, stale=stale, final_step=finished_step(output_dir))
 
 

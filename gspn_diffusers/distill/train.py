@@ -159,19 +159,19 @@ def main(args: argparse.Namespace) -> DistillResult:
         set_seed(args.seed)  # the same on every process: the converted student must be identical everywhere
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    # Data first: a wrong dataset fails before any model is loaded.
-    records = find_records(
-        args.train_data_dir,
-        args.dataset_name,
-        args.image_column,
-        args.caption_column,
-        args.dataset_split,
-        args.dataset_config_name,
-        args.cache_dir,
-    )
-    check_readable(records)
     resolution = [args.resolution]  # filled in with the model's native size once it is known
     try:
+        # Data first: a wrong dataset fails before any model is loaded.
+        records = find_records(
+            args.train_data_dir,
+            args.dataset_name,
+            args.image_column,
+            args.caption_column,
+            args.dataset_split,
+            args.dataset_config_name,
+            args.cache_dir,
+        )
+        check_readable(records)
         with out_of_memory_hint(args, resolution):
             return _train(args, plan, accelerator, records, resolution)
     except KeyboardInterrupt:
