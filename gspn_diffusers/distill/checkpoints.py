@@ -107,6 +107,11 @@ def _safetensors_problem(path: Path) -> str | None:
     return None if 8 + length + end == size else f"it should hold {8 + length + end} bytes, it has {size}"
 
 
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
 def checkpoint_problem(checkpoint: Path) -> str | None:
     """What is wrong with a checkpoint folder (naming the file), or None when it can be resumed from.
 
@@ -134,7 +139,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     for path in sorted(checkpoint.rglob("*")):
         if path.suffix == ".safetensors":
             problem = _safetensors_problem(path)
-        elif path.is_file() and path.read_bytes()[:4] == ZIP_MAGIC and not zipfile.is_zipfile(path):
+        elif path.is_file() and _starts_with(path, ZIP_MAGIC) and not zipfile.is_zipfile(path):
             problem = "it is cut off (no zip directory at its end)"
         else:
             continue
