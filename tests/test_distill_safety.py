@@ -35,7 +35,7 @@ from gspn_diffusers.distill.data import UnreadableReport, check_readable, open_i
 from gspn_diffusers.distill.failures import out_of_memory_hint, resume_command
 from gspn_diffusers.distill.layouts import find_records
 from gspn_diffusers.distill.records import TextEncodingError, UnsafePathError
-from gspn_diffusers.distill.run_dir import FINISHED_MARKER, REPLACED_PREFIX, STALE_PREFIX, finished_step
+from gspn_diffusers.distill.run_dir import FINISHED_MARKER, REPLACED_PREFIX, STALE_PREFIX, finished_step, plan_run
 from gspn_diffusers.distill.train import check_args, main
 from gspn_diffusers.errors import GSPNUserError
 from gspn_diffusers.serialization import CONFIG_NAME, WEIGHTS_NAME, save_gspn
@@ -238,6 +238,15 @@ def test_resuming_an_older_checkpoint_moves_the_old_timeline_aside(finished_run,
     assert finished_step(out) == 3 and (out / WEIGHTS_NAME).read_bytes() != final_before
     # After a crash `latest` continues this timeline.
     assert resolve_resume("latest", out) == out / "checkpoint-3"
+
+
+def test_later_checkpoints_are_stale_also_when_resuming_from_one_elsewhere(finished_run, tmp_path):
+    _, out = finished_run
+    shutil.copytree(out / "checkpoint-2", tmp_path / "copied" / "checkpoint-2")
+    plan = plan_run(out, str(tmp_path / "copied" / "checkpoint-2"), overwrite=False)
+    assert plan.resume == tmp_path / "copied" / "checkpoint-2" and plan.step == 2
+    assert {"checkpoint-3", "checkpoint-4", WEIGHTS_NAME} <= {p.name for p in plan.stale}
+    assert plan.finished(4) is None  # the final weights are of the abandoned timeline: train again
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_or_is_refused(finished_run, tmp_path, caplog):
