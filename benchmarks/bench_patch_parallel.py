@@ -60,7 +60,7 @@ def build_unet(gspn: bool):
         convert(unet, GSPNConfig.from_preset("sdxl"))
         torch.manual_seed(1)
         for name, param in unet.named_parameters():
-            if ".processor." in name:
+            if ".gspn." in name:
                 param.data.normal_(0.0, 0.3).add_(0.5 if "merge" in name else 0.0)
     return unet
 

@@ -27,7 +27,7 @@ def build_pipe(kind: str, gspn: bool, hires: bool):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)
             for name, param in pipe.unet.named_parameters():
-                if ".processor." in name:
+                if ".gspn." in name:
                     param.data.normal_(0.0, 0.5).add_(0.5 if "merge" in name else 0.0)
     if hires:
         from gspn_diffusers.pipelines import GSPNDemoFusionPipeline, GSPNDemoFusionSDXLPipeline

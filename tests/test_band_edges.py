@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scan_blocks import HORIZONTAL, banded_scan, jacobi_banded_scan, patch_parallel_scan, true_edge_rows
 
-from gspn_diffusers.ops import DIRECTIONS, gspn_scan, gspn_scan_fused_reference
+from gspn_diffusers.ops import gspn_scan, gspn_scan_fused_reference
 
-HORIZONTAL = ("left_to_right", "right_to_left")
 FWD_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 8e-2}
 
@@ -35,46 +35,6 @@ def make_inputs(b=2, h=6, w=7, c=4, groups=2, dtype=torch.float64, seed=0, direc
 def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     scale = expected.detach().double().abs().max().clamp_min(1e-2)
     return float((got.detach().double() - expected.detach().double()).abs().max() / scale)
-
-
-def bands_of(height: int, cuts: list[int]) -> list[tuple[int, int]]:
-    edges = [0, *cuts, height]
-    return list(zip(edges[:-1], edges[1:], strict=True))
-
-
-def true_edge_rows(h: torch.Tensor, r0: int, r1: int):
-    """The whole scan's hidden rows just above and below band [r0, r1); None at the image's own edges."""
-    return (h[:, r0 - 1] if r0 > 0 else None, h[:, r1] if r1 < h.shape[1] else None)
-
-
-def banded_scan(x, lam, gates, direction, cuts, chunk_size, edge_rows_of):
-    """Each band of rows scanned alone, ``edge_rows_of(r0, r1)`` giving its edge rows; bands stacked back."""
-    return torch.cat(
-        [
-            gspn_scan(
-                x[:, r0:r1], lam[:, r0:r1], gates[:, r0:r1], direction, chunk_size, edge_rows=edge_rows_of(r0, r1)
-            )
-            for r0, r1 in bands_of(x.shape[1], cuts)
-        ],
-        dim=1,
-    )
-
-
-def jacobi_banded_scan(x, lam, gates, direction, cuts, chunk_size):
-    """Bands exchanging edge rows for as many sweeps as the scan has steps (the first sweep gets zero rows): in one
-    autograd graph, every band's edge rows are outputs of its neighbours' scans."""
-    bands = bands_of(x.shape[1], cuts)
-    outputs = [torch.zeros_like(x[:, r0:r1]) for r0, r1 in bands]
-    for _ in range(x.shape[2]):
-        edges = [
-            (outputs[i - 1][:, -1] if i > 0 else None, outputs[i + 1][:, 0] if i + 1 < len(bands) else None)
-            for i in range(len(bands))
-        ]
-        outputs = [
-            gspn_scan(x[:, r0:r1], lam[:, r0:r1], gates[:, r0:r1], direction, chunk_size, edge_rows=edges[i])
-            for i, (r0, r1) in enumerate(bands)
-        ]
-    return torch.cat(outputs, dim=1)
 
 
 def values_and_grads(fn, inputs, upstream):
@@ -179,28 +139,6 @@ def test_edge_row_gradients_match_finite_differences(direction):
 
 
 # ---- The four directions over bands, as patch parallelism combines them ------------------------------------------
-
-
-def patch_parallel_scan(x, lam, gates4, merge, cuts, chunk_size):
-    """sum_d merge[d] * h_d over bands of rows: the horizontal scans exchange edge rows (Jacobi sweeps), the vertical
-    ones run band after band with the carried state (top_to_bottom from the band above, bottom_to_top from the band
-    below)."""
-    out = 0
-    for d, direction in enumerate(DIRECTIONS):
-        gates = gates4[:, :, :, d]
-        if direction in HORIZONTAL:
-            h = jacobi_banded_scan(x, lam, gates, direction, cuts, chunk_size)
-        else:
-            bands = bands_of(x.shape[1], cuts)
-            order = bands if direction == "top_to_bottom" else bands[::-1]
-            state, pieces = None, {}
-            for r0, r1 in order:
-                pieces[r0], state = gspn_scan(
-                    x[:, r0:r1], lam[:, r0:r1], gates[:, r0:r1], direction, chunk_size, state, return_final_state=True
-                )
-            h = torch.cat([pieces[r0] for r0, _ in bands], dim=1)
-        out = out + merge[d] * h
-    return out
 
 
 @pytest.mark.parametrize(

@@ -23,18 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..module import GSPNModule
 from ..ops import DIRECTIONS, NUM_GATES, gspn_scan
-from ..processor import GSPNAttnProcessor
 from .layers import gather_tokens
 from .runtime import Runtime
 
 _EPS = 1e-6  # the fused reference's normaliser floor
 
 
-def gspn_module_of(attn: nn.Module) -> GSPNAttnProcessor | None:
+def gspn_module_of(attn: nn.Module) -> GSPNModule | None:
     """The GSPN parameters of a converted ``attn1`` (the one place that knows where they live)."""
-    processor = getattr(attn, "processor", None)
-    return processor if isinstance(processor, GSPNAttnProcessor) else None
+    gspn = getattr(attn, "gspn", None)
+    return gspn if isinstance(gspn, GSPNModule) else None
 
 
 def projections(attn: nn.Module, gspn: nn.Module, tokens: torch.Tensor, height: int, width: int):
