@@ -132,12 +132,15 @@ FAILURE_CASES = [
     dict(name="cfg_odd_world", kind="sd15", mode="sync", height=64, width=64, steps=2, split_cfg=True),
 ]
 CFG_CASES = [dict(name="sd15_cfg", kind="sd15", gspn=True, mode="sync", height=96, width=64, steps=3, split_cfg=True)]
+CFG_BAND_CASES = [  # 4 processes: two CFG groups of two bands each
+    dict(name="sdxl_cfg_bands", kind="sdxl", gspn=True, mode="sync", height=104, width=64, steps=3, split_cfg=True)
+]
 
 
 @pytest.fixture(scope="module")
 def references(one_thread):
     refs, pipes = {}, {}
-    for case in SYNC_CASES + STALE_CASES + CFG_CASES:
+    for case in SYNC_CASES + STALE_CASES + CFG_CASES + CFG_BAND_CASES:
         key = (case["kind"], case.get("gspn", False), case.get("hires", False))
         pipes.setdefault(key, build_pipe(*key))
         refs[case["name"]] = run_case(pipes[key], case)
@@ -199,6 +202,14 @@ def test_traffic_model_matches_the_counted_bytes(two, attn):
 def test_cfg_split_equals_single_process(two, references):
     err = _error(two, references, "sd15_cfg").max().item()
     assert err < SYNC_TOL
+
+
+def test_cfg_split_with_bands_equals_single_process(references, tmp_path):
+    results = _spawn(4, CFG_BAND_CASES, tmp_path)
+    err = _error(results, references, "sdxl_cfg_bands").max().item()
+    assert err < SYNC_TOL
+    for rank_results in results:
+        torch.testing.assert_close(rank_results["sdxl_cfg_bands"]["latent"], results[0]["sdxl_cfg_bands"]["latent"])
 
 
 def test_failures_stop_every_process_with_one_message(three):
