@@ -4,9 +4,12 @@ which process saves."""
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import torch.distributed as dist
 
 from .api import parallelize
 from .comm import init_distributed
@@ -21,6 +24,8 @@ class ParallelGeneration:
         self.saves = True
         if args.parallel is not None:
             init_distributed()
+            if dist.get_rank() != 0:  # one log of the run: process 0's (warnings and errors still from each)
+                logging.getLogger("gspn_diffusers").setLevel(logging.WARNING)
 
     @contextmanager
     def around(self, pipe: Any) -> Iterator[dict[str, Any]]:
