@@ -59,7 +59,7 @@ def run_convert(args: argparse.Namespace) -> None:
     out = save_gspn(pipe, output, overwrite=args.overwrite, base_model=args.model)
     logger.info(
         "Converted %d self-attention layers (%s preset), %.2fM GSPN parameters -> %s",
-        len({k.split(".processor.")[0] for k in params}),
+        len({k.split(".gspn.")[0] for k in params}),
         config.preset,
         count / 1e6,
         out,

@@ -168,7 +168,7 @@ def test_torch_compile_fullgraph_through_a_converted_unet(use_emulation):
     gen = torch.Generator().manual_seed(4)
     sample = torch.randn(1, unet.config.in_channels, 8, 16, generator=gen)
     context = torch.randn(1, 7, unet.config.cross_attention_dim, generator=gen)
-    gspn = [p for name, p in unet.named_parameters() if ".processor." in name]
+    gspn = [p for name, p in unet.named_parameters() if ".gspn." in name]
 
     def loss_and_grads(model):
         unet.zero_grad()

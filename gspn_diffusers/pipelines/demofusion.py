@@ -54,6 +54,7 @@ from diffusers.utils.torch_utils import empty_device_cache
 
 from ..convert import gspn_config_of, is_converted
 from ..loading import native_size
+from ..models import gspn_components
 from .budget import gspn_backend_for, largest_view_batch, memory_budget
 from .chunking import kept_feed_forward_chunking
 from .denoising import StageDenoisingMixin, StageSettings, TextConditioning
@@ -115,13 +116,14 @@ class DemoFusionMixin(StageDenoisingMixin):
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """Diffusers' ``from_pipe`` (same components, no copy), keeping the source pipeline's dtype.
+        """Diffusers' ``from_pipe`` (same components, no copy), keeping the source pipeline's dtype and its GSPN UNet.
 
         Diffusers casts to float32 unless ``torch_dtype`` is given, which would also upcast the
         shared components of the fp16/bf16 pipeline it was built from.
         """
         if "torch_dtype" not in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = pipeline.dtype
+        kwargs = {**gspn_components(pipeline), **kwargs}
         modeling_logger, quiet = logging.getLogger("diffusers.models.modeling_utils"), _EmptyFp32ListFilter()
         modeling_logger.addFilter(quiet)
         try:

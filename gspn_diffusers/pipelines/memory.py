@@ -236,7 +236,7 @@ def gspn_layer_bytes_per_token_channel(
     sees it at its level's size); ``line_block`` forces line-block inference on or off for the call.
     """
     attn = unet.get_submodule(layer)
-    processor = attn.processor
+    processor = attn.gspn  # the layer's GSPN module
     level = _block_level(layer, len(unet.config.block_out_channels))
     processor.latent_size = (_level_size(height, level), _level_size(width, level))
     tokens = processor.latent_size[0] * processor.latent_size[1]
