@@ -158,7 +158,7 @@ def bench_attention(meter: Meter, unet, attention: str, sizes, args, deadline: f
         write()
 
 
-def plot(rows: list[dict], path: Path) -> bool:
+def plot(rows: list[dict], path: Path, title: str) -> bool:
     """Draw the PNG; False where matplotlib is not installed (the JSON has everything)."""
     try:
         import matplotlib
@@ -174,7 +174,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         pixels = [r["width"] * r["height"] / 1e6 for r in done]
         ax_time.loglog(pixels, [r["latent_s"] for r in done], "o-", label=f"{attention}: whole latent once")
         ax_mem.semilogx(pixels, [r["peak_gib"] for r in done], "o-", label=attention)
-    ax_time.set(xlabel="megapixels", ylabel="seconds (UNet over the latent once)", title="SD-XL UNet, bf16, batch 1")
+    ax_time.set(xlabel="megapixels", ylabel="seconds (UNet over the latent once)", title=title)
     ax_mem.set(xlabel="megapixels", ylabel="peak GiB allocated (weights included)", title="peak memory of one call")
     ax_time.legend(fontsize=8)
     ax_mem.legend(fontsize=8)
@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
             restore(unet)
     write()
     print(f"wrote {args.out / 'hires_unet.json'}")
-    if plot(rows, args.out / "hires_unet.png"):
+    title = f"{'tiny ' if args.dry_run else ''}SD-XL UNet, {args.dtype}, batch 1, {meter.name}"
+    if plot(rows, args.out / "hires_unet.png", title):
         print(f"wrote {args.out / 'hires_unet.png'}")
 
 
