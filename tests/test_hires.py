@@ -559,7 +559,7 @@ def test_stage_estimate_grows_with_the_latent_and_the_kernel_needs_less_than_the
 
 @pytest.mark.parametrize("max_memory,mode", [(2**40, "whole"), (2**16, "windows")])
 def test_stage_mode_follows_the_given_memory(caplog, max_memory, mode):
-    caplog.set_level(logging.INFO, logger="gspn_diffusers.pipelines.demofusion")
+    caplog.set_level(logging.INFO, logger="gspn_diffusers.pipelines")
     pipe = hires_pipe("sd15", gspn=True)
     shapes = []
     handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(a[0].shape)), with_kwargs=True)

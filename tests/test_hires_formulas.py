@@ -165,3 +165,32 @@ def test_skip_residual_of_one_step_against_a_hand_computation():
     assert 0.28 < c1 < 0.29
     expected = (1 - c1) * after_step[0] + c1 * (alphas[601].sqrt() * clean + (1 - alphas[601]).sqrt() * eps)
     torch.testing.assert_close(inputs[1], expected)
+
+
+@pytest.mark.parametrize("split_cfg,expected", [(False, 4), (True, 2)])
+def test_the_stage_plan_is_estimated_for_the_batch_each_unet_call_holds(monkeypatch, split_cfg, expected):
+    """Two images with CFG: a batched call holds 2 x 2 samples per view, split CFG 2; the memory plan must ask the
+    estimate for exactly that (a plan for fewer samples overcommits the device)."""
+    from gspn_diffusers.pipelines import planning
+
+    seen = []
+
+    def estimate(config, height, width, dtype, backend, mode, **kwargs):
+        seen.append((height, width, kwargs["cfg_batch"]))
+        return 0
+
+    monkeypatch.setattr(planning, "estimate_stage_peak", estimate)
+    pipe = GSPNDemoFusionPipeline.from_pipe(tiny_pipeline("sd15"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe(
+        "a lighthouse",
+        height=128,
+        width=256,
+        num_inference_steps=2,
+        strength=0.5,
+        num_images_per_prompt=2,
+        split_cfg=split_cfg,
+        max_memory=2**40,
+        output_type="latent",
+    )
+    assert seen and set(seen) == {(16, 32, expected)}
