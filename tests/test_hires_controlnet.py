@@ -90,11 +90,19 @@ def test_control_guidance_end_counts_in_steps_of_the_full_schedule(sd15):
     """4 steps, strength 0.5: the stage runs steps 2 and 3 of 4; control_guidance_end 0.5 keeps steps 0 and 1 only,
     so the stage runs without the ControlNet and the base with it for two of its four steps."""
     calls, handle = record_control(sd15)
-    run(sd15, control_images(0), control_guidance_end=0.5, local_denoising="whole")
+    steps = []
+
+    def callback(pipe, i, t, tensors):
+        steps.append((pipe is sd15, pipe.hires_stage, i))
+        return tensors
+
+    run(sd15, control_images(0), control_guidance_end=0.5, local_denoising="whole", callback_on_step_end=callback)
     handle.remove()
     base_scales = [scale for stage, _, scale in calls if stage == 0]
     assert base_scales == [1.0, 1.0, 0.0, 0.0]
     assert not [call for call in calls if call[0] == 1]
+    # the controlled base runs in Diffusers' ControlNet pipeline, but the callback sees this one
+    assert steps == [(True, 0, 0), (True, 0, 1), (True, 0, 2), (True, 0, 3), (True, 1, 0), (True, 1, 1)]
 
 
 def test_controlnet_conditioning_scale_zero_is_no_controlnet(sd15):

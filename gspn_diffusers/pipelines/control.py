@@ -6,6 +6,8 @@ which see the whole (padded) latent at ``1 / d`` of its resolution, get the whol
 their size. The ControlNet runs on the same input, timestep and conditioning as the UNet call it feeds, and its
 residuals go into that call, as in Diffusers' ControlNet pipelines; ``control_guidance_start/end`` count in
 steps of the full schedule, so a stage that skips the first 60 % of the steps keeps the rule of the base.
+:class:`ControlNetStagesMixin` is the pipelines' side of it: the optional ``controlnet`` component, the
+controlled base image and each stage's :class:`StageControl`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import ControlNetModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
 
 from .stages import dilation_factor
 
@@ -118,3 +123,75 @@ def controlnet_residuals(
         return_dict=False,
     )
     return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+class ControlNetStagesMixin:
+    """The ControlNet of a high-resolution pipeline: an optional ``controlnet`` component, the base image by
+    Diffusers' ControlNet pipeline of the family (``controlnet_pipeline_class``, built on the same components) and
+    each stage's :class:`StageControl`."""
+
+    controlnet_pipeline_class: type
+
+    def _init_control(self, controlnet: ControlNetModel | None) -> None:
+        """Register the optional ControlNet and the processor of its control images (``[0, 1]``, RGB), as
+        Diffusers' ControlNet pipelines do."""
+        if controlnet is not None and not isinstance(controlnet, ControlNetModel):
+            raise ValueError(
+                f"controlnet must be one ControlNetModel; got {type(controlnet).__name__} (several ControlNets "
+                "are not supported by the high-resolution pipeline)."
+            )
+        self.register_modules(controlnet=controlnet)
+        self.control_image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
+
+    def _controlnet_pipeline_kwargs(self) -> dict[str, Any]:
+        """The configuration arguments of :attr:`controlnet_pipeline_class` that this pipeline's config sets."""
+        raise NotImplementedError
+
+    def controlled_base_latents(self, base_kwargs: dict[str, Any], control: dict[str, Any]) -> torch.Tensor:
+        """The base image's latents by :attr:`controlnet_pipeline_class` with ``control`` (its image and schedule
+        arguments); the user's callback sees this pipeline, and its ``_interrupt`` reaches the loop."""
+        names, _ = self.controlnet_pipeline_class._get_signature_keys(self.controlnet_pipeline_class)
+        components = {name: getattr(self, name, None) for name in names}
+        controlled = self.controlnet_pipeline_class(**components, **self._controlnet_pipeline_kwargs())
+        controlled.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        callback = base_kwargs.pop("callback_on_step_end")
+        if callback is not None and not isinstance(callback, PipelineCallback | MultiPipelineCallbacks):
+            user_callback = callback
+
+            def callback(pipe: Any, i: int, t: torch.Tensor, tensors: dict[str, Any]) -> dict[str, Any]:
+                outputs = user_callback(self, i, t, tensors)  # the user's callback sees this pipeline
+                pipe._interrupt = self._interrupt
+                return outputs
+
+        base_kwargs.pop("guidance_rescale")
+        return controlled(**base_kwargs, **control, callback_on_step_end=callback)[0]
+
+    def _stage_control(
+        self,
+        control_image: Any,
+        size: tuple[int, int],
+        batch: int,
+        num_images_per_prompt: int,
+        dilated: bool,
+        scale: float,
+        guidance: tuple[float, float],
+        kept: int,
+    ) -> StageControl:
+        """The control image of a stage of pixel ``size`` that keeps the last ``kept`` steps of the schedule
+        (just set by :meth:`stage_timesteps`), for ``batch`` latents."""
+        num_steps = len(self.scheduler.timesteps)
+        image = prepare_control_image(
+            self.control_image_processor,
+            control_image,
+            size,
+            batch // num_images_per_prompt,
+            num_images_per_prompt,
+            self._execution_device,
+            self.controlnet.dtype,
+        )
+        first_step = num_steps - kept * self.scheduler.order
+        return stage_control(
+            image, self.window, self.vae_scale_factor, dilated, scale, guidance, first_step, num_steps
+        )

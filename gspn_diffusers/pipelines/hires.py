@@ -18,16 +18,14 @@ from typing import Any
 
 import PIL.Image
 import torch
-from diffusers import ControlNetModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import empty_device_cache
 
 from ..convert import is_converted
 from .budget import gspn_backend_for, memory_budget
 from .chunking import kept_feed_forward_chunking
-from .control import StageControl, prepare_control_image, stage_control
+from .control import ControlNetStagesMixin
 from .denoising import StageDenoisingMixin, StageSettings, TextConditioning
 from .planning import StagePlanningMixin
 from .stages import kept_steps, match_statistics
@@ -63,31 +61,16 @@ class DemoFusionPipelineOutput(BaseOutput):
     stage_images: list[Any] | None = None
 
 
-class DemoFusionMixin(StagePlanningMixin, StageDecodingMixin, StageDenoisingMixin):
+class DemoFusionMixin(StagePlanningMixin, StageDecodingMixin, StageDenoisingMixin, ControlNetStagesMixin):
     """``__call__`` of the SD-1.5 and SD-XL pipelines: the base image, then the upscaling stages.
 
     Subclasses implement :meth:`_check_prompt_inputs`, :meth:`_micro_conditioning`, :meth:`_encode_conditioning`,
-    :meth:`_base_kwargs`, :meth:`_controlnet_pipeline_kwargs` and :meth:`_unet_kwargs`, and name their
-    ``controlnet_pipeline_class`` (Diffusers' ControlNet pipeline of the family, which runs a controlled base).
+    :meth:`_base_kwargs`, :meth:`_unet_kwargs` and what :class:`~.control.ControlNetStagesMixin` asks for.
     """
 
     # Stage callbacks get (and may replace) the latents only; the base loop checks the same list.
     _callback_tensor_inputs = ["latents"]
-    controlnet_pipeline_class: type
     default_guidance_scale: float
-
-    def _init_control(self, controlnet: ControlNetModel | None) -> None:
-        """Register the optional ControlNet and the processor of its control images (``[0, 1]``, RGB), as
-        Diffusers' ControlNet pipelines do."""
-        if controlnet is not None and not isinstance(controlnet, ControlNetModel):
-            raise ValueError(
-                f"controlnet must be one ControlNetModel; got {type(controlnet).__name__} (several ControlNets "
-                "are not supported by the high-resolution pipeline)."
-            )
-        self.register_modules(controlnet=controlnet)
-        self.control_image_processor = VaeImageProcessor(
-            vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
-        )
 
     # ------------------------------------------------------------------ what the families supply
     def _check_prompt_inputs(self, prompts: dict[str, Any], height: int, width: int, tensor_inputs: list[str]) -> None:
@@ -116,10 +99,6 @@ class DemoFusionMixin(StagePlanningMixin, StageDecodingMixin, StageDenoisingMixi
         """The family's own arguments of the base image's text-to-image call."""
         raise NotImplementedError
 
-    def _controlnet_pipeline_kwargs(self) -> dict[str, Any]:
-        """The configuration arguments of :attr:`controlnet_pipeline_class` that this pipeline's config sets."""
-        raise NotImplementedError
-
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
         """Diffusers' ``from_pipe`` (same components, no copy), keeping the source pipeline's dtype.
@@ -140,52 +119,10 @@ class DemoFusionMixin(StagePlanningMixin, StageDecodingMixin, StageDenoisingMixi
     # ------------------------------------------------------------------ the base stage
     def _base_latents(self, base_kwargs: dict[str, Any], control: dict[str, Any] | None) -> torch.Tensor:
         """The base image's latents by the parent pipeline's own loop, or by Diffusers' ControlNet pipeline of
-        the family (built on the same components) when there is a control image."""
+        the family when there is a control image."""
         if control is None:
             return super().__call__(**base_kwargs)[0]
-        names, _ = self.controlnet_pipeline_class._get_signature_keys(self.controlnet_pipeline_class)
-        components = {name: getattr(self, name, None) for name in names}
-        controlled = self.controlnet_pipeline_class(**components, **self._controlnet_pipeline_kwargs())
-        controlled.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
-        callback = base_kwargs.pop("callback_on_step_end")
-        if callback is not None and not isinstance(callback, PipelineCallback | MultiPipelineCallbacks):
-            user_callback = callback
-
-            def callback(pipe: Any, i: int, t: torch.Tensor, tensors: dict[str, Any]) -> dict[str, Any]:
-                outputs = user_callback(self, i, t, tensors)  # the user's callback sees this pipeline
-                pipe._interrupt = self._interrupt
-                return outputs
-
-        base_kwargs.pop("guidance_rescale")
-        return controlled(**base_kwargs, **control, callback_on_step_end=callback)[0]
-
-    def _stage_control(
-        self,
-        control_image: Any,
-        size: tuple[int, int],
-        batch: int,
-        num_images_per_prompt: int,
-        dilated: bool,
-        scale: float,
-        guidance: tuple[float, float],
-        kept: int,
-    ) -> StageControl:
-        """The control image of a stage of pixel ``size`` that keeps the last ``kept`` steps of the schedule
-        (just set by :meth:`stage_timesteps`), for ``batch`` latents."""
-        num_steps = len(self.scheduler.timesteps)
-        image = prepare_control_image(
-            self.control_image_processor,
-            control_image,
-            size,
-            batch // num_images_per_prompt,
-            num_images_per_prompt,
-            self._execution_device,
-            self.controlnet.dtype,
-        )
-        first_step = num_steps - kept * self.scheduler.order
-        return stage_control(
-            image, self.window, self.vae_scale_factor, dilated, scale, guidance, first_step, num_steps
-        )
+        return self.controlled_base_latents(base_kwargs, control)
 
     # ------------------------------------------------------------------ memory
     @contextlib.contextmanager
