@@ -81,7 +81,8 @@ setup(
         "ninja",  # builds the CUDA kernel (JIT on first use, or ahead of time)
     ],
     extras_require={
-        "test": ["pytest>=8", "scipy", "ruff", "datasets>=2.19", "deepspeed"],  # deepspeed: the ZeRO-2 config test
+        # deepspeed: the ZeRO-2 config test; peft: the LoRA-on-GSPN conformance test
+        "test": ["pytest>=8", "scipy", "ruff", "datasets>=2.19", "deepspeed", "peft>=0.13"],
         "distill": ["datasets>=2.19", "pandas", "pyarrow"],
         "deepspeed": ["deepspeed"],  # only for distill/configs/deepspeed_zero2.yaml
     },

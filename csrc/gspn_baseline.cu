@@ -11,7 +11,7 @@ namespace {
 
 template <typename T>
 __global__ void baseline_line_kernel(const ScanInputs in, int d, int64_t s, T* h) {
-  const Direction g = direction_geometry(in, d);
+  const Direction g = direction_geometry<false>(in, d);
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= in.batch * g.rows * in.channels) return;
   const int64_t c = e % in.channels;
@@ -24,12 +24,12 @@ __global__ void baseline_line_kernel(const ScanInputs in, int d, int64_t s, T* h
                 load_float(static_cast<const T*>(in.x) + offset4(in.x_stride, b, y, x, c));
   if (!starts_group(g, s, in.chunk)) {
     float logits[kNumGates];
-    load_gate_logits<T>(in, b, y, x, 0, c / (in.channels / in.gate_channels), r, g.rows, logits);
-    const GateWeights w = gate_weights(logits, r, g.rows);
+    load_gate_logits<T>(in, b, y, x, 0, c / (in.channels / in.gate_channels), r, g, logits);
+    const GateWeights w = gate_weights(logits, r, g);
     const int64_t prev_line = g.reversed ? line + 1 : line - 1;
 #pragma unroll
     for (int k = 0; k < kNumGates; ++k) {
-      if (!gate_valid(k, r, g.rows)) continue;
+      if (!gate_valid(k, r, g)) continue;
       int64_t py, px;
       image_pixel(g, prev_line, r + k - 1, py, px);
       value += w.p[k] * load_float(h + dense_index(in, b, py, px, c));
@@ -40,7 +40,7 @@ __global__ void baseline_line_kernel(const ScanInputs in, int d, int64_t s, T* h
 
 template <typename T>
 void launch_baseline(const ScanInputs& in, int direction, void* h, cudaStream_t stream) {
-  const Direction g = direction_geometry(in, direction);
+  const Direction g = direction_geometry<false>(in, direction);
   const int64_t elements = in.batch * g.rows * in.channels;
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((elements + threads - 1) / threads);

@@ -31,9 +31,19 @@ __device__ __forceinline__ Pack<T, V> load_pack(const T* p, int64_t channel_stri
   return r;
 }
 
-// Every input of one pack of one line.
+// The band's edge rows at the predecessor column (kEdges: a single-direction scan given them), read by the packs
+// of the first row (above) and the last row (below). Separate registers only where they can be given, so the fused
+// kernel keeps its register budget.
+template <typename T, int V, bool kEdges>
+struct EdgePacks {
+  Pack<T, V> above, below;
+};
 template <typename T, int V>
-struct PackInputs {
+struct EdgePacks<T, V, false> {};
+
+// Every input of one pack of one line (the edge packs a base: no storage without edges).
+template <typename T, int V, bool kEdges>
+struct PackInputs : EdgePacks<T, V, kEdges> {
   Pack<T, V> x, lam, gate[kNumGates], u;
   Pack<float, V> acc;  // running sum of the earlier directions
 };
@@ -57,10 +67,10 @@ struct DirectionReads {
   int per_group;  // channels per gate channel
 };
 
-template <typename T, int V>
+template <typename T, int V, bool kEdges>
 __device__ __forceinline__ void load_pack_inputs(const ScanInputs& in, const ScanForwardOutputs& out,
                                                  const Direction& g, const DirectionReads& rd, int64_t b, int64_t s,
-                                                 const PackSlot& p, PackInputs<T, V>& to) {
+                                                 const PackSlot& p, PackInputs<T, V, kEdges>& to) {
   if (!p.active) return;
   int64_t y, x;
   image_pixel(g, image_line(g, s), p.row, y, x);
@@ -74,7 +84,20 @@ __device__ __forceinline__ void load_pack_inputs(const ScanInputs& in, const Sca
                                x * in.u_stride[2] + rd.d * in.u_stride[3] + p.c0 * in.u_stride[4],
                            in.u_stride[4], in.vector_u);
   }
-  if (!has_predecessor(in, g, s)) return;  // a group start reads no gates
+  if (!has_predecessor(in, g, s)) return;  // a group start reads no gates (nor edge rows)
+  if constexpr (kEdges) {
+    const int64_t column = image_line(g, s - 1);
+    if (g.above && p.row == 0) {
+      to.above = load_pack<T, V>(
+          static_cast<const T*>(in.edge_above) + state_offset(in.edge_above_stride, b, column, p.c0),
+          in.edge_above_stride[2], false);
+    }
+    if (g.below && p.row == g.rows - 1) {
+      to.below = load_pack<T, V>(
+          static_cast<const T*>(in.edge_below) + state_offset(in.edge_below_stride, b, column, p.c0),
+          in.edge_below_stride[2], false);
+    }
+  }
   const T* gate = static_cast<const T*>(in.gate) + b * in.gate_stride[0] + y * in.gate_stride[1] +
                   x * in.gate_stride[2] + rd.slot * in.gate_stride[3];
 #pragma unroll
@@ -91,8 +114,10 @@ __device__ __forceinline__ void load_pack_inputs(const ScanInputs& in, const Sca
   }
 }
 
-template <typename T, int V, int kUnits>
-__global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInputs in, const ScanForwardOutputs out) {
+// Single channels (V == 1) ask for two blocks of 512 threads per SM: at most 64 registers, what the work split's
+// occupancy model assumes (kForwardV2SingleRegisters; ptxas -v sm_90 bf16: 64, no spill, with or without edges).
+template <typename T, int V, int kUnits, bool kEdges>
+__global__ void __launch_bounds__(kV2MaxThreads, V == 1 ? 2 : 1) forward_kernel_v2(const ScanInputs in, const ScanForwardOutputs out) {
   GSPN_SHARED_FLOATS(smem);
   const int tile = in.tile;
   const int packs_per_row = tile / V;
@@ -117,7 +142,7 @@ __global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInp
   float* const accum = out.accum + (in.split_directions ? d_begin * plane : 0);
 
   for (int d = d_begin; d < d_end; ++d) {
-    const Direction g = direction_geometry(in, d);
+    const Direction g = direction_geometry<kEdges>(in, d);
     const bool first = d == d_begin;
     const bool last = d == d_end - 1 && !in.split_directions;  // writes y
     const bool read_u = up != nullptr && (!factor_u || last);
@@ -155,9 +180,9 @@ __global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInp
     }
 
     const DirectionReads rd{d, slot, !first, read_u, per_group};
-    PackInputs<T, V> cur[kUnits];
+    PackInputs<T, V, kEdges> cur[kUnits];
 #pragma unroll
-    for (int i = 0; i < kUnits; ++i) load_pack_inputs<T, V>(in, out, g, rd, b, 0, p[i], cur[i]);
+    for (int i = 0; i < kUnits; ++i) load_pack_inputs<T, V, kEdges>(in, out, g, rd, b, 0, p[i], cur[i]);
     __syncthreads();  // merge/skip of the tile and the carried line
 
     for (int64_t s = 0; s < g.length; ++s) {
@@ -186,9 +211,14 @@ __global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInp
             float logits[kNumGates];
 #pragma unroll
             for (int k = 0; k < kNumGates; ++k) logits[k] = load_float(&cur[i].gate[k].v[j]);
-            const GateWeights w = gate_weights(logits, r, g.rows);
-            h += carried(w, h_prev, r, g.rows, tile, c);
-            if (in.normalize) z += carried(w, z_prev, r, g.rows, tile, c);
+            const GateWeights w = gate_weights(logits, r, g);
+            EdgeValues edges{0.f, 0.f};
+            if constexpr (kEdges) {
+              if (g.above && r == 0) edges.above = load_float(&cur[i].above.v[j]);
+              if (g.below && r == g.rows - 1) edges.below = load_float(&cur[i].below.v[j]);
+            }
+            h += carried<kEdges>(w, h_prev, r, g, tile, c, edges);
+            if (in.normalize) z += carried<false>(w, z_prev, r, g, tile, c, edges);  // never with edges
           }
           h_cur[r * tile + c] = h;
           if (final_line) result.v[j] = store_value<T>(h);
@@ -216,7 +246,7 @@ __global__ void __launch_bounds__(kV2MaxThreads) forward_kernel_v2(const ScanInp
           *reinterpret_cast<Pack<float, V>*>(accum + idx) = cur[i].acc;
         }
         // This pack's registers are free: the next line's loads go out now, before the barrier.
-        if (s + 1 < g.length) load_pack_inputs<T, V>(in, out, g, rd, b, s + 1, p[i], cur[i]);
+        if (s + 1 < g.length) load_pack_inputs<T, V, kEdges>(in, out, g, rd, b, s + 1, p[i], cur[i]);
       }
       // The line just written is the next step's predecessor; the accumulator written here is read by other
       // threads in the next direction (a block barrier orders global memory within the block too).

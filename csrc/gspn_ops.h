@@ -294,6 +294,21 @@ Tensor carried_state(const std::optional<Tensor>& state, const Tensor& x, int64_
   return *state;
 }
 
+// A band edge row of the single op, checked: (B, W, C) in x's dtype and device, any strides, horizontal scans only,
+// never beside a carried state; undefined when absent.
+Tensor edge_row(const std::optional<Tensor>& row, const Tensor& x, int64_t direction, const Tensor& initial,
+                const char* name) {
+  if (!row.has_value() || !row->defined()) return Tensor();
+  TORCH_CHECK(direction < 2, "GSPN CUDA kernel: ", name, " is for the horizontal scans (direction 0 or 1), not ",
+              direction, "; the vertical scans of a band chain the bands with initial_state.");
+  TORCH_CHECK(!initial.defined(), "GSPN CUDA kernel: ", name, " and initial_state cannot be combined.");
+  check_same(*row, x, name);
+  TORCH_CHECK(row->dim() == 3 && row->size(0) == x.size(0) && row->size(1) == x.size(2) && row->size(2) == x.size(3),
+              "GSPN CUDA kernel: ", name, " must be (B, W, C) = (", x.size(0), ", ", x.size(2), ", ", x.size(3),
+              "), got ", row->sizes(), ".");
+  return *row;
+}
+
 // final_state: undefined, or a contiguous (B, rows, C) tensor the kernel fills with the last line in scan order.
 Tensor run_forward(const Device& device, const Tensor& x, gspn::ScanInputs in, int64_t tile,
                    const Tensor& final_state = Tensor()) {
@@ -321,9 +336,11 @@ Tensor run_forward(const Device& device, const Tensor& x, gspn::ScanInputs in, i
 // skip part}.
 // Carried state of the single op: grad_final (checked by carried_state, or undefined) and grad_initial (a
 // contiguous (B, rows, C) output, or undefined).
+// Band edges: grad_above / grad_below (zero-initialised contiguous (B, W, C) outputs, or undefined).
 std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, const Tensor& x, gspn::ScanInputs in,
                                  bool u_per_direction, int64_t slots, int64_t tile,
-                                 const Tensor& grad_final = Tensor(), const Tensor& grad_initial = Tensor()) {
+                                 const Tensor& grad_final = Tensor(), const Tensor& grad_initial = Tensor(),
+                                 const Tensor& grad_above = Tensor(), const Tensor& grad_below = Tensor()) {
   check_same(grad_y, x, "grad_output");
   check_shape(grad_y, x.sizes(), "grad_output");
   const auto f32 = x.options().dtype(at::kFloat);
@@ -379,6 +396,8 @@ std::vector<Tensor> run_backward(const Device& device, const Tensor& grad_y, con
     copy_strides(grad_final, args.grad_final_stride);
   }
   if (grad_initial.defined()) args.grad_initial = grad_initial.data_ptr();
+  if (grad_above.defined()) args.grad_edge_above = grad_above.data_ptr();
+  if (grad_below.defined()) args.grad_edge_below = grad_below.data_ptr();
 
   const int64_t length = gspn::max_rows(in);  // max(H, W) bounds every direction's scan length
   args.segment = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(length)))));
@@ -425,6 +444,18 @@ void set_initial(gspn::ScanInputs& in, const Tensor& initial) {
   copy_strides(initial, in.initial_stride);
 }
 
+// Sets the band's edge rows (undefined: a true image edge) of a single-direction call.
+void set_edges(gspn::ScanInputs& in, const Tensor& above, const Tensor& below) {
+  if (above.defined()) {
+    in.edge_above = above.data_ptr();
+    copy_strides(above, in.edge_above_stride);
+  }
+  if (below.defined()) {
+    in.edge_below = below.data_ptr();
+    copy_strides(below, in.edge_below_stride);
+  }
+}
+
 Tensor state_like(const Tensor& x, int64_t direction) {
   return at::empty({x.size(0), direction >= 2 ? x.size(2) : x.size(1), x.size(3)}, x.options());
 }
@@ -432,12 +463,16 @@ Tensor state_like(const Tensor& x, int64_t direction) {
 // Returns {h, final_state (undefined unless requested)}.
 std::vector<Tensor> scan_forward(const Device& device, const Tensor& x, const Tensor& lam, const Tensor& gate,
                                  int64_t direction, int64_t chunk, const std::optional<Tensor>& initial_state,
-                                 bool return_final_state, int64_t tile) {
+                                 bool return_final_state, int64_t tile, const std::optional<Tensor>& edge_above,
+                                 const std::optional<Tensor>& edge_below) {
   const Tensor gate6 = check_single(device, x, lam, gate, direction);
   const Tensor initial = carried_state(initial_state, x, direction, "initial_state");
+  const Tensor above = edge_row(edge_above, x, direction, initial, "edge_above");
+  const Tensor below = edge_row(edge_below, x, direction, initial, "edge_below");
   const int d = static_cast<int>(direction);
   gspn::ScanInputs in = make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0);
   set_initial(in, initial);
+  set_edges(in, above, below);
   const Tensor final_state = return_final_state ? state_like(x, direction) : Tensor();
   if (final_state.defined() && x.numel() == 0) {  // an empty block passes the state through
     if (initial.defined()) {
@@ -449,17 +484,24 @@ std::vector<Tensor> scan_forward(const Device& device, const Tensor& x, const Te
   return {run_forward(device, x, in, tile, final_state), final_state};
 }
 
-// Returns {grad_x, grad_lam, grad_gate, grad_initial_state (undefined without initial_state)}.
+// Returns {grad_x, grad_lam, grad_gate, grad_initial_state, grad_edge_above, grad_edge_below} (the last three
+// undefined where that input is absent).
 std::vector<Tensor> scan_backward(const Device& device, const Tensor& grad_h, const Tensor& x, const Tensor& lam,
                                   const Tensor& gate, int64_t direction, int64_t chunk,
                                   const std::optional<Tensor>& initial_state,
-                                  const std::optional<Tensor>& grad_final_state, int64_t tile) {
+                                  const std::optional<Tensor>& grad_final_state, int64_t tile,
+                                  const std::optional<Tensor>& edge_above, const std::optional<Tensor>& edge_below) {
   const Tensor gate6 = check_single(device, x, lam, gate, direction);
   const Tensor initial = carried_state(initial_state, x, direction, "initial_state");
   const Tensor grad_final = carried_state(grad_final_state, x, direction, "grad_final_state");
+  const Tensor above = edge_row(edge_above, x, direction, initial, "edge_above");
+  const Tensor below = edge_row(edge_below, x, direction, initial, "edge_below");
   const int d = static_cast<int>(direction);
   gspn::ScanInputs in = make_inputs(x, lam, gate6, Tensor(), Tensor(), Tensor(), chunk, d, d + 1, false, 0.0);
   set_initial(in, initial);
+  set_edges(in, above, below);
+  const Tensor grad_above = above.defined() ? at::zeros(above.sizes(), x.options()) : Tensor();
+  const Tensor grad_below = below.defined() ? at::zeros(below.sizes(), x.options()) : Tensor();
   const Tensor grad_initial = initial.defined() ? state_like(x, direction) : Tensor();
   if (grad_initial.defined() && x.numel() == 0) {  // an empty block passed the state through
     if (grad_final.defined()) {
@@ -468,8 +510,8 @@ std::vector<Tensor> scan_backward(const Device& device, const Tensor& grad_h, co
       grad_initial.zero_();
     }
   }
-  auto g = run_backward(device, grad_h, x, in, false, 1, tile, grad_final, grad_initial);
-  return {g[0], g[1], g[2].squeeze(3).to(gate.scalar_type()), grad_initial};
+  auto g = run_backward(device, grad_h, x, in, false, 1, tile, grad_final, grad_initial, grad_above, grad_below);
+  return {g[0], g[1], g[2].squeeze(3).to(gate.scalar_type()), grad_initial, grad_above, grad_below};
 }
 
 // Registers the ops of `device` on a Python module; a `Guard` built from x.device() is held around each call.
@@ -499,24 +541,32 @@ void define_ops(pybind11::module& m, const Device& device) {
   m.def(
       "scan_forward",
       [&device](const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction, int64_t chunk,
-                const std::optional<Tensor>& initial_state, bool return_final_state, int64_t tile) {
+                const std::optional<Tensor>& initial_state, bool return_final_state, int64_t tile,
+                const std::optional<Tensor>& edge_above, const std::optional<Tensor>& edge_below) {
         const Guard guard(x.device());
-        return scan_forward(device, x, lam, gate, direction, chunk, initial_state, return_final_state, tile);
+        return scan_forward(device, x, lam, gate, direction, chunk, initial_state, return_final_state, tile,
+                            edge_above, edge_below);
       },
-      "One-direction scan: [h (B, H, W, C), final_state (B, n_perp, C) or None unless return_final_state].",
+      "One-direction scan: [h (B, H, W, C), final_state (B, n_perp, C) or None unless return_final_state]. "
+      "edge_above / edge_below (B, W, C): a band's hidden rows just outside it (horizontal scans).",
       py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("direction"), py::arg("chunk"),
-      py::arg("initial_state") = py::none(), py::arg("return_final_state") = false, py::arg("tile") = 0);
+      py::arg("initial_state") = py::none(), py::arg("return_final_state") = false, py::arg("tile") = 0,
+      py::arg("edge_above") = py::none(), py::arg("edge_below") = py::none());
   m.def(
       "scan_backward",
       [&device](const Tensor& grad_h, const Tensor& x, const Tensor& lam, const Tensor& gate, int64_t direction,
                 int64_t chunk, const std::optional<Tensor>& initial_state,
-                const std::optional<Tensor>& grad_final_state, int64_t tile) {
+                const std::optional<Tensor>& grad_final_state, int64_t tile, const std::optional<Tensor>& edge_above,
+                const std::optional<Tensor>& edge_below) {
         const Guard guard(x.device());
-        return scan_backward(device, grad_h, x, lam, gate, direction, chunk, initial_state, grad_final_state, tile);
+        return scan_backward(device, grad_h, x, lam, gate, direction, chunk, initial_state, grad_final_state, tile,
+                             edge_above, edge_below);
       },
-      "Gradients of scan_forward: [x, lam, gate_logits, initial_state (None without it)].", py::arg("grad_h"),
-      py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("direction"), py::arg("chunk"),
-      py::arg("initial_state") = py::none(), py::arg("grad_final_state") = py::none(), py::arg("tile") = 0);
+      "Gradients of scan_forward: [x, lam, gate_logits, initial_state, edge_above, edge_below] (None for an "
+      "absent input).",
+      py::arg("grad_h"), py::arg("x"), py::arg("lam"), py::arg("gate_logits"), py::arg("direction"), py::arg("chunk"),
+      py::arg("initial_state") = py::none(), py::arg("grad_final_state") = py::none(), py::arg("tile") = 0,
+      py::arg("edge_above") = py::none(), py::arg("edge_below") = py::none());
 }
 
 }  // namespace gspn_ops

@@ -51,6 +51,14 @@ struct ScanInputs {
   // chunked scan is cut into blocks at group boundaries, so its first line has no predecessor.
   const void* initial;
   int64_t initial_stride[3];  // b, row, c
+  // Band edges (single-direction horizontal scans of a band of rows, no normalisation, never with `initial`): the
+  // hidden rows just above and below the band, (B, W, C) in image coordinates, any strides, x's dtype; null: a true
+  // image edge (that neighbour is dropped and the gates renormalised). Given, the neighbour is valid: at step s it
+  // is the edge row at the image column of step s - 1.
+  const void* edge_above;
+  const void* edge_below;
+  int64_t edge_above_stride[3];  // b, column, c
+  int64_t edge_below_stride[3];
 
   // Work split: one block per (channel tile, batch); ``tile`` channels per block, ``threads`` per block.
   int tile;
@@ -97,6 +105,10 @@ struct ScanBackwardArgs {
   const void* grad_final;
   int64_t grad_final_stride[3];  // b, row, c
   void* grad_initial;
+  // Band edges: the gradients of in.edge_above / in.edge_below, contiguous (B, W, C) in x's dtype, zero-initialised
+  // (a column that precedes no step keeps its zero); null where that edge is absent.
+  void* grad_edge_above;
+  void* grad_edge_below;
   // Per-block scratch for the recomputation (fp32): checkpoint lines and the lines of one segment.
   float* scratch;
   int64_t segment;       // lines per segment (about sqrt of the scan length)

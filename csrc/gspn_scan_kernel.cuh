@@ -16,6 +16,14 @@
 // Directions are strides and loop order: line s of direction d is image column s (or W-1-s) for the horizontal
 // scans and image row s (or H-1-s) for the vertical ones; nothing is transposed or flipped in memory.
 //
+// Band edges (the single-direction horizontal scans of a band of rows, patch parallelism): the first row's offset -1
+// and the last row's offset +1 neighbours at step s are given rows (in.edge_above / in.edge_below at the image
+// column of step s - 1), valid like any neighbour. Those two rows read them with the line's other inputs (v2: in
+// registers of their own, prefetched); the backward writes what reaches them, p_k * dh, once per column (the row
+// that reads an edge value is its only consumer, so no atomics). Every kernel has a kEdges instantiation for them,
+// so the others (the fused op, every scan without a band) keep their code and registers (ptxas -v sm_90, bf16:
+// backward 128, v1 81, v2 124 / 64, none spilling; the kEdges ones spill 12-28 bytes, unmeasured on a GPU).
+//
 // How the four directions meet in one y without extra passes: the block that owns (b, channel tile) runs the
 // four directions in turn, so the running sum of the direction terms belongs to that block alone. It lives in
 // an fp32 accumulator (the output itself when the output is fp32): the first direction writes it, the middle
@@ -99,20 +107,28 @@ __device__ __forceinline__ int64_t offset4(const int64_t* stride, int64_t b, int
   return b * stride[0] + y * stride[1] + x * stride[2] + c * stride[3];
 }
 
-// Geometry of one direction: `length` lines along the scan axis, `rows` positions across it.
+// Geometry of one direction: `length` lines along the scan axis, `rows` positions across it; `above` / `below`: the
+// band's edge rows are given, so row 0's offset -1 and row rows-1's offset +1 neighbours are valid.
 struct Direction {
   int64_t length;
   int64_t rows;
   bool vertical;
   bool reversed;
+  bool above;
+  bool below;
 };
 
+// kEdges: the kernel instantiation that takes a band's edge rows; without it they are known absent at compile time,
+// so the kernels that never see them (the fused op, every scan without a band) compile as if they did not exist.
+template <bool kEdges>
 __host__ __device__ __forceinline__ Direction direction_geometry(const ScanInputs& in, int d) {
   Direction g;
   g.vertical = d >= 2;        // top_to_bottom, bottom_to_top scan along H
   g.reversed = (d & 1) == 1;  // right_to_left, bottom_to_top
   g.length = g.vertical ? in.height : in.width;
   g.rows = g.vertical ? in.width : in.height;
+  g.above = kEdges && !g.vertical && in.edge_above != nullptr;
+  g.below = kEdges && !g.vertical && in.edge_below != nullptr;
   return g;
 }
 
@@ -149,9 +165,31 @@ __host__ __device__ __forceinline__ void image_pixel(const Direction& g, int64_t
   x = g.vertical ? row : line;
 }
 
-// Gate k of row r is valid when the neighbour r + k - 1 of the previous line exists.
-__device__ __forceinline__ bool gate_valid(int k, int64_t r, int64_t rows) {
-  return (k != 0 || r > 0) && (k != 2 || r < rows - 1);
+// Gate k of row r is valid when the neighbour r + k - 1 of the previous line exists: inside the line, or a given
+// edge row.
+__device__ __forceinline__ bool gate_valid(int k, int64_t r, const Direction& g) {
+  return (k != 0 || r > 0 || g.above) && (k != 2 || r < g.rows - 1 || g.below);
+}
+
+// The edge rows' values a row of step s sees (at the image column of step s - 1): `above` for row 0, `below` for
+// the last row; 0 where not given or not that row (unused: those gates are invalid or inside the line).
+struct EdgeValues {
+  float above;
+  float below;
+};
+
+template <typename T>
+__device__ __forceinline__ EdgeValues load_edge_values(const ScanInputs& in, const Direction& g, int64_t b,
+                                                       int64_t s, int64_t r, int64_t c) {
+  EdgeValues v{0.f, 0.f};
+  const int64_t column = image_line(g, s - 1);
+  if (g.above && r == 0) {
+    v.above = load_float(static_cast<const T*>(in.edge_above) + state_offset(in.edge_above_stride, b, column, c));
+  }
+  if (g.below && r == g.rows - 1) {
+    v.below = load_float(static_cast<const T*>(in.edge_below) + state_offset(in.edge_below_stride, b, column, c));
+  }
+  return v;
 }
 
 // Sigmoids of the valid gates (0 for the dropped ones); p = sig / sum: row-stochastic weights.
@@ -161,12 +199,12 @@ struct GateWeights {
   float inv_sum;
 };
 
-__device__ __forceinline__ GateWeights gate_weights(const float logits[kNumGates], int64_t r, int64_t rows) {
+__device__ __forceinline__ GateWeights gate_weights(const float logits[kNumGates], int64_t r, const Direction& g) {
   GateWeights w;
   float sum = 0.f;
 #pragma unroll
   for (int k = 0; k < kNumGates; ++k) {
-    w.sig[k] = gate_valid(k, r, rows) ? 1.f / (1.f + expf(-logits[k])) : 0.f;
+    w.sig[k] = gate_valid(k, r, g) ? 1.f / (1.f + expf(-logits[k])) : 0.f;
     sum += w.sig[k];
   }
   w.inv_sum = 1.f / sum;
@@ -177,23 +215,38 @@ __device__ __forceinline__ GateWeights gate_weights(const float logits[kNumGates
 
 template <typename T>
 __device__ __forceinline__ void load_gate_logits(const ScanInputs& in, int64_t b, int64_t y, int64_t x, int64_t slot,
-                                                 int64_t group, int64_t r, int64_t rows, float logits[kNumGates]) {
+                                                 int64_t group, int64_t r, const Direction& g,
+                                                 float logits[kNumGates]) {
   const T* gate = static_cast<const T*>(in.gate);
   const int64_t base = b * in.gate_stride[0] + y * in.gate_stride[1] + x * in.gate_stride[2] +
                        slot * in.gate_stride[3] + group * in.gate_stride[5];
 #pragma unroll
   for (int k = 0; k < kNumGates; ++k) {
-    logits[k] = gate_valid(k, r, rows) ? load_float(gate + base + k * in.gate_stride[4]) : 0.f;
+    logits[k] = gate_valid(k, r, g) ? load_float(gate + base + k * in.gate_stride[4]) : 0.f;
   }
 }
 
-// sum_k p_k * prev[r + k - 1] over the valid neighbours; prev is a line laid out [row * tile + lane].
-__device__ __forceinline__ float carried(const GateWeights& w, const float* prev, int64_t r, int64_t rows, int tile,
-                                         int lane) {
+// Neighbour r + k - 1 (a valid one) of the previous line, laid out [row * tile + lane]; with kEdges, the rows
+// outside it are the band's edge rows.
+template <bool kEdges>
+__device__ __forceinline__ float neighbour(const float* prev, int64_t r, int k, const Direction& g, int tile, int lane,
+                                           const EdgeValues& edges) {
+  const int64_t row = r + k - 1;
+  if constexpr (kEdges) {
+    if (row < 0) return edges.above;
+    if (row >= g.rows) return edges.below;
+  }
+  return prev[row * tile + lane];
+}
+
+// sum_k p_k * h[r + k - 1] of the previous line over the valid neighbours.
+template <bool kEdges>
+__device__ __forceinline__ float carried(const GateWeights& w, const float* prev, int64_t r, const Direction& g,
+                                         int tile, int lane, const EdgeValues& edges) {
   float acc = 0.f;
 #pragma unroll
   for (int k = 0; k < kNumGates; ++k) {
-    if (gate_valid(k, r, rows)) acc += w.p[k] * prev[(r + k - 1) * tile + lane];
+    if (gate_valid(k, r, g)) acc += w.p[k] * neighbour<kEdges>(prev, r, k, g, tile, lane, edges);
   }
   return acc;
 }
@@ -235,7 +288,7 @@ __host__ __device__ __forceinline__ int64_t dense_index(const ScanInputs& in, in
 // Forward
 // ------------------------------------------------------------------------------------------------------------
 
-template <typename T, int kUnroll>
+template <typename T, int kUnroll, bool kEdges>
 __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const ScanForwardOutputs out) {
   GSPN_SHARED_FLOATS(smem);
   const Lane t = block_lane(in);
@@ -253,7 +306,7 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
   const bool factor_u = up != nullptr && in.u_stride[3] == 0;
 
   for (int d = in.dir_begin; d < in.dir_end; ++d) {
-    const Direction g = direction_geometry(in, d);
+    const Direction g = direction_geometry<kEdges>(in, d);
     const bool first = d == in.dir_begin;
     const bool last = d == in.dir_end - 1;
     const bool read_u = up != nullptr && (!factor_u || last);
@@ -282,6 +335,7 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
       // kUnroll elements per thread per pass: all their global loads are issued before any use.
       for (int64_t e0 = threadIdx.x; e0 < n; e0 += kUnroll * static_cast<int64_t>(blockDim.x)) {
         float xv[kUnroll], lv[kUnroll], uv[kUnroll], av[kUnroll], logits[kUnroll][kNumGates];
+        EdgeValues ev[kUnroll]{};
 #pragma unroll
         for (int i = 0; i < kUnroll; ++i) {
           const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
@@ -298,7 +352,10 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
                                d * in.u_stride[3] + t.c * in.u_stride[4]);
           }
           if (!first) av[i] = out.accum[dense_index(in, t.b, y, x, t.c)];
-          if (!start) load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logits[i]);
+          if (!start) {
+            load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g, logits[i]);
+            if constexpr (kEdges) ev[i] = load_edge_values<T>(in, g, t.b, s, r, t.c);
+          }
         }
 #pragma unroll
         for (int i = 0; i < kUnroll; ++i) {
@@ -310,9 +367,9 @@ __global__ void __launch_bounds__(512) forward_kernel(const ScanInputs in, const
           float h = lv[i] * xv[i];
           float z = lv[i];
           if (!start) {
-            const GateWeights w = gate_weights(logits[i], r, g.rows);
-            h += carried(w, h_prev, r, g.rows, tile, t.lane);
-            if (in.normalize) z += carried(w, z_prev, r, g.rows, tile, t.lane);
+            const GateWeights w = gate_weights(logits[i], r, g);
+            h += carried<kEdges>(w, h_prev, r, g, tile, t.lane, ev[i]);
+            if (in.normalize) z += carried<false>(w, z_prev, r, g, tile, t.lane, ev[i]);  // never with edges
           }
           h_cur[e] = h;
           if (final_line) static_cast<T*>(out.final_state)[(t.b * g.rows + r) * in.channels + t.c] = store_value<T>(h);
@@ -368,7 +425,7 @@ struct Scratch {
 };
 
 // Hidden (and normaliser) line s of direction d from line s-1 (unused at a group start). No outputs.
-template <typename T>
+template <typename T, bool kEdges>
 __device__ void recompute_line(const ScanInputs& in, const Lane& t, const Direction& g, int64_t slot, int64_t s,
                                const float* h_prev, float* h_cur, const float* z_prev, float* z_cur) {
   const T* xp = static_cast<const T*>(in.x);
@@ -380,6 +437,7 @@ __device__ void recompute_line(const ScanInputs& in, const Lane& t, const Direct
   // kRecomputeUnroll elements per thread per pass: all their global loads are issued before any use.
   for (int64_t e0 = threadIdx.x; e0 < n; e0 += kRecomputeUnroll * static_cast<int64_t>(blockDim.x)) {
     float xv[kRecomputeUnroll], lv[kRecomputeUnroll], logits[kRecomputeUnroll][kNumGates];
+    EdgeValues ev[kRecomputeUnroll]{};
 #pragma unroll
     for (int i = 0; i < kRecomputeUnroll; ++i) {
       const int64_t e = e0 + i * static_cast<int64_t>(blockDim.x);
@@ -389,7 +447,10 @@ __device__ void recompute_line(const ScanInputs& in, const Lane& t, const Direct
       image_pixel(g, line, r, y, x);
       lv[i] = load_float(lamp + offset4(in.lam_stride, t.b, y, x, t.c));
       xv[i] = load_float(xp + offset4(in.x_stride, t.b, y, x, t.c));
-      if (!start) load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logits[i]);
+      if (!start) {
+        load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g, logits[i]);
+        if constexpr (kEdges) ev[i] = load_edge_values<T>(in, g, t.b, s, r, t.c);
+      }
     }
 #pragma unroll
     for (int i = 0; i < kRecomputeUnroll; ++i) {
@@ -399,9 +460,9 @@ __device__ void recompute_line(const ScanInputs& in, const Lane& t, const Direct
       float h = lv[i] * xv[i];
       float z = lv[i];
       if (!start) {
-        const GateWeights w = gate_weights(logits[i], r, g.rows);
-        h += carried(w, h_prev, r, g.rows, in.tile, t.lane);
-        if (in.normalize) z += carried(w, z_prev, r, g.rows, in.tile, t.lane);
+        const GateWeights w = gate_weights(logits[i], r, g);
+        h += carried<kEdges>(w, h_prev, r, g, in.tile, t.lane, ev[i]);
+        if (in.normalize) z += carried<false>(w, z_prev, r, g, in.tile, t.lane, ev[i]);  // never with edges
       }
       h_cur[e] = h;
       if (in.normalize) z_cur[e] = z;
@@ -409,7 +470,7 @@ __device__ void recompute_line(const ScanInputs& in, const Lane& t, const Direct
   }
 }
 
-template <typename T>
+template <typename T, bool kEdges>
 __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, const ScanBackwardArgs a) {
   GSPN_SHARED_FLOATS(smem);
   const Lane t = block_lane(in);
@@ -437,7 +498,7 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
   float skip_acc = 0.f;
 
   for (int d = in.dir_begin; d < in.dir_end; ++d) {
-    const Direction g = direction_geometry(in, d);
+    const Direction g = direction_geometry<kEdges>(in, d);
     const bool first = d == in.dir_begin;
     const bool last = d == in.dir_end - 1;
     const float merge_c = (in.merge != nullptr && t.active)
@@ -463,7 +524,7 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
     for (int64_t s = 0; s < (segments - 1) * a.segment; ++s) {
       const bool checkpoint = (s + 1) % a.segment == 0;
       const int64_t j = checkpoint ? (s + 1) / a.segment : roll_line0 + (s & 1);
-      recompute_line<T>(in, t, g, slot, s, h_prev, scratch.h(j), z_prev, scratch.z(j));
+      recompute_line<T, kEdges>(in, t, g, slot, s, h_prev, scratch.h(j), z_prev, scratch.z(j));
       h_prev = scratch.h(j);
       z_prev = scratch.z(j);
       __syncthreads();
@@ -475,7 +536,7 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
       const int64_t s1 = s0 + a.segment < g.length ? s0 + a.segment : g.length;
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t prev_line = s == s0 ? seg : seg_line0 + (s - 1 - s0);  // checkpoint `seg` unused at s = 0
-        recompute_line<T>(in, t, g, slot, s, scratch.h(prev_line), scratch.h(seg_line0 + s - s0), scratch.z(prev_line),
+        recompute_line<T, kEdges>(in, t, g, slot, s, scratch.h(prev_line), scratch.h(seg_line0 + s - s0), scratch.z(prev_line),
                           scratch.z(seg_line0 + s - s0));
         __syncthreads();
       }
@@ -499,6 +560,7 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
         for (int64_t e0 = threadIdx.x; t.active && e0 < n; e0 += per_pass) {
           float xs[kBackwardUnroll], ls[kBackwardUnroll], gys[kBackwardUnroll], us[kBackwardUnroll];
           float hs[kBackwardUnroll], zs[kBackwardUnroll], logit_s[kBackwardUnroll][kNumGates];
+          EdgeValues evs[kBackwardUnroll]{};
           float axs[kBackwardUnroll], als[kBackwardUnroll], aus[kBackwardUnroll];
 #pragma unroll
           for (int i = 0; i < kBackwardUnroll; ++i) {
@@ -515,7 +577,10 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
                                   : 1.f;
             hs[i] = hc[e];
             zs[i] = in.normalize ? zc[e] : 0.f;
-            if (!start) load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g.rows, logit_s[i]);
+            if (!start) {
+              load_gate_logits<T>(in, t.b, y, x, slot, t.group, r, g, logit_s[i]);
+              if constexpr (kEdges) evs[i] = load_edge_values<T>(in, g, t.b, s, r, t.c);
+            }
             if (!first) {
               const int64_t idx = dense_index(in, t.b, y, x, t.c);
               axs[i] = a.accum_x[idx];
@@ -570,22 +635,29 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
             const int64_t gate_base =
                 ((((t.b * in.height + y) * in.width + x) * slots + slot) * kNumGates) * in.gate_channels + t.group;
             if (!start) {
-              const GateWeights w = gate_weights(logit_s[i], r, g.rows);
+              const GateWeights w = gate_weights(logit_s[i], r, g);
               float gp[kNumGates];
               float dot = 0.f;
 #pragma unroll
               for (int k = 0; k < kNumGates; ++k) {
                 gp[k] = 0.f;
-                if (gate_valid(k, r, g.rows)) {
-                  const int64_t nb = e + (k - 1) * tile;
-                  gp[k] = dh * hp[nb] + (in.normalize ? dz * zp[nb] : 0.f);
+                if (gate_valid(k, r, g)) {  // the normaliser has no edge rows (never given with normalize)
+                  gp[k] = dh * neighbour<kEdges>(hp, r, k, g, tile, t.lane, evs[i]) +
+                          (in.normalize ? dz * zp[e + (k - 1) * tile] : 0.f);
                 }
                 dot += gp[k] * w.p[k];
+              }
+              if constexpr (kEdges) {  // what reaches the band's edge rows: once per column, by its only reader
+                const int64_t edge_idx = (t.b * in.width + image_line(g, s - 1)) * in.channels + t.c;
+                if (g.above && r == 0) static_cast<T*>(a.grad_edge_above)[edge_idx] = store_value<T>(w.p[0] * dh);
+                if (g.below && r == g.rows - 1) {
+                  static_cast<T*>(a.grad_edge_below)[edge_idx] = store_value<T>(w.p[2] * dh);
+                }
               }
 #pragma unroll
               for (int k = 0; k < kNumGates; ++k) {
                 // p_k = sig_k / S over the valid k: dL/dsig_j = (gp_j - sum_k gp_k p_k) / S, zero when dropped.
-                const float dsig = gate_valid(k, r, g.rows) ? (gp[k] - dot) * w.inv_sum : 0.f;
+                const float dsig = gate_valid(k, r, g) ? (gp[k] - dot) * w.inv_sum : 0.f;
                 const float dlogit = dsig * w.sig[k] * (1.f - w.sig[k]);
                 const int64_t gate_idx = gate_base + k * in.gate_channels;
                 if (shared_gates) {
@@ -685,6 +757,19 @@ __global__ void __launch_bounds__(512) backward_kernel(const ScanInputs in, cons
 // Launchers (the host emulation of csrc/emulation/ launches the same kernels its own way)
 // ------------------------------------------------------------------------------------------------------------
 
+inline bool has_edges(const ScanInputs& in) {
+  return in.edge_above != nullptr || in.edge_below != nullptr;
+}
+
+// The backward kernel on a grid of (channel tiles, batch), given to `launch` as dispatch_forward does.
+template <typename T, typename Launch>
+cudaError_t dispatch_backward(const ScanInputs& in, Launch&& launch) {
+  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
+  const size_t shared = backward_shared_bytes(in);
+  return has_edges(in) ? launch(backward_kernel<T, true>, grid, in.threads, shared)
+                       : launch(backward_kernel<T, false>, grid, in.threads, shared);
+}
+
 // The forward of the work split: the scan kernel (v2 with packs of in.pack channels, or v1) on a grid of
 // (channel tiles, batch, 4 directions when split), then the merge of the direction planes when split. Each
 // kernel goes to `launch(kernel, grid, threads, shared bytes)` (the CUDA launcher below, or the emulation's).
@@ -694,13 +779,17 @@ cudaError_t dispatch_forward(const ScanInputs& in, Launch&& launch) {
   const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch),
                   in.split_directions ? kNumDirections : 1);
   const size_t v2_shared = forward_v2_shared_bytes(in);
+  const bool edges = has_edges(in);
   cudaError_t error;
   if (in.pack == kPack) {
-    error = launch(forward_kernel_v2<T, kPack, forward_v2_units(kPack)>, grid, in.threads, v2_shared);
+    error = edges ? launch(forward_kernel_v2<T, kPack, forward_v2_units(kPack), true>, grid, in.threads, v2_shared)
+                  : launch(forward_kernel_v2<T, kPack, forward_v2_units(kPack), false>, grid, in.threads, v2_shared);
   } else if (in.pack == 1) {
-    error = launch(forward_kernel_v2<T, 1, forward_v2_units(1)>, grid, in.threads, v2_shared);
+    error = edges ? launch(forward_kernel_v2<T, 1, forward_v2_units(1), true>, grid, in.threads, v2_shared)
+                  : launch(forward_kernel_v2<T, 1, forward_v2_units(1), false>, grid, in.threads, v2_shared);
   } else {
-    error = launch(forward_kernel<T, kForwardUnroll>, grid, in.threads, forward_shared_bytes(in));
+    error = edges ? launch(forward_kernel<T, kForwardUnroll, true>, grid, in.threads, forward_shared_bytes(in))
+                  : launch(forward_kernel<T, kForwardUnroll, false>, grid, in.threads, forward_shared_bytes(in));
   }
   if (error != cudaSuccess || !in.split_directions) return error;
   const int64_t elements = in.batch * in.height * in.width * in.channels;
@@ -742,12 +831,11 @@ cudaError_t launch_forward(const ScanInputs& in, const ScanForwardOutputs& out, 
 
 template <typename T>
 cudaError_t launch_backward(const ScanInputs& in, const ScanBackwardArgs& args, cudaStream_t stream) {
-  auto kernel = backward_kernel<T>;
-  const cudaError_t error = raise_shared_memory_limit(kernel);
-  if (error != cudaSuccess) return error;
-  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
-  kernel<<<grid, in.threads, backward_shared_bytes(in), stream>>>(in, args);
-  return cudaSuccess;
+  return dispatch_backward<T>(in, [&](auto kernel, dim3 grid, int threads, size_t shared) {
+    const cudaError_t error = raise_shared_memory_limit(kernel);
+    if (error == cudaSuccess) kernel<<<grid, threads, shared, stream>>>(in, args);
+    return error;
+  });
 }
 #endif  // GSPN_HOST_EMULATION
 

@@ -6,6 +6,7 @@ gspn_diffusers.save_gspn(pipe, "out/")    # only the GSPN weights + config
 gspn_diffusers.load_gspn(other, "out/")   # converts and loads
 gspn_diffusers.load_gspn(other, "org/name")  # or from a hub repo (or its offline cache)
 gspn_diffusers.restore(pipe)              # back to the original attention
+pipe.save_pretrained("full/")             # the whole GSPN pipeline; DiffusionPipeline.from_pretrained rebuilds it
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 _EXPORTS = {
     "GSPNAttnProcessor": "processor",
     "GSPNConfig": "config",
+    "GSPNControlNetModel": "models",
+    "GSPNModule": "module",
+    "GSPNUNet2DConditionModel": "models",
     "convert": "convert",
+    "gspn_modules": "convert",
     "gspn_parameters": "convert",
-    "gspn_processors": "convert",
     "is_converted": "convert",
     "restore": "convert",
     "load_gspn": "serialization",
@@ -33,7 +37,9 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from .config import GSPNConfig
-    from .convert import convert, gspn_parameters, gspn_processors, is_converted, restore
+    from .convert import convert, gspn_modules, gspn_parameters, is_converted, restore
+    from .models import GSPNControlNetModel, GSPNUNet2DConditionModel
+    from .module import GSPNModule
     from .processor import GSPNAttnProcessor
     from .serialization import load_gspn, save_gspn
 
@@ -69,10 +75,13 @@ sys.modules[__name__].__class__ = _Package
 __all__ = [
     "GSPNAttnProcessor",
     "GSPNConfig",
+    "GSPNControlNetModel",
+    "GSPNModule",
+    "GSPNUNet2DConditionModel",
     "__version__",
     "convert",
+    "gspn_modules",
     "gspn_parameters",
-    "gspn_processors",
     "is_converted",
     "load_gspn",
     "restore",

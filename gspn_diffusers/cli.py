@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .cli_args import (
     add_config_args,
@@ -23,10 +26,12 @@ from .cli_args import (
     check_image_output,
     config_flags_given,
     config_from_args,
+    finite_float,
     pixel_size,
     positive_int,
+    seed,
 )
-from .errors import GSPNUserError
+from .errors import GSPNUserError, failure_message
 
 logger = logging.getLogger("gspn_diffusers")
 
@@ -59,7 +64,7 @@ def run_convert(args: argparse.Namespace) -> None:
     out = save_gspn(pipe, output, overwrite=args.overwrite, base_model=args.model)
     logger.info(
         "Converted %d self-attention layers (%s preset), %.2fM GSPN parameters -> %s",
-        len({k.split(".processor.")[0] for k in params}),
+        len({k.split(".gspn.")[0] for k in params}),
         config.preset,
         count / 1e6,
         out,
@@ -101,7 +106,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     from .convert import convert, get_unet
     from .loading import load_pipeline
-    from .pipelines.cli_support import hires_pipeline_for, save_image, save_stage_images
+    from .pipelines.cli_support import announce_costs, hires_pipeline_for, save_image, save_stage_images
     from .serialization import check_gspn, load_gspn
 
     weights = check_gspn(args.gspn_weights) if args.gspn_weights is not None else None
@@ -111,7 +116,9 @@ def run_generate(args: argparse.Namespace) -> None:
     elif not args.original:
         logger.warning("No --gspn-weights given: GSPN modules are freshly converted from Q/K/V, not distilled.")
         convert(pipe, config_from_args(args, get_unet(pipe)))
-    pipe, hires_kwargs = hires_pipeline_for(pipe, args)
+    base = pipe
+    pipe, hires_kwargs = hires_pipeline_for(base, args)
+    announce_costs(base, pipe, args)  # memory and time per stage, before the first step: a 16K render takes long
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(
         prompt=args.prompt,
@@ -147,8 +154,8 @@ def add_generate_parser(subparsers) -> None:
         "--width", type=pixel_size, default=None, help="Pixels, multiple of 8 (default: model's native)."
     )
     parser.add_argument("--steps", type=positive_int, default=30, help="Denoising steps (>= 1).")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=finite_float, default=7.5, help="Classifier-free guidance scale.")
+    parser.add_argument("--seed", type=seed, default=0, help="Seed of the initial noise, 0..2**64-1.")
     parser.add_argument(
         "--output", default="gspn_outputs/image.png", help="Image path to write (.png, .jpg, .webp, ...)."
     )
@@ -176,8 +183,63 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# What to lower when a command runs out of memory, in its own flags.
+OUT_OF_MEMORY_ADVICE = {
+    "generate": "lower --height/--width; above the native size --local-denoising windows keeps every UNet call at "
+    "the native size; on a GPU --dtype float16 or bfloat16 halves the activations",
+    "convert": "load the model in half precision (--dtype float16 or bfloat16), or convert on a larger machine",
+    "evaluate": "lower --batch-size (images per pipeline call) and --metric-batch-size, or --height/--width",
+    "distill": "lower --train_batch_size or --resolution, pass --gradient_checkpointing, or --mixed_precision bf16",
+}
+EXIT_USER_ERROR, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command that reruns this one, as the user would type it (under ``accelerate launch`` for several
+    processes: the launcher's own options are not visible here, so they are left as ``...``)."""
+    program = "gspn-diffusers"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        program = "accelerate launch ... -m gspn_diffusers.cli"
+    elif Path(sys.argv[0]).name not in ("gspn-diffusers", "gspn_diffusers"):
+        program = "python -m gspn_diffusers.cli"
+    return f"{program} {shlex.join(argv)}"
+
+
+def _interrupted_message(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """One line after Ctrl-C: what is on disk now and how to go on. A subcommand can say more (``evaluate``
+    counts its images) through ``set_defaults(interrupted=function(args, command) -> str)``."""
+    command = command_line(argv)
+    describe = getattr(args, "interrupted", None)
+    if describe is not None:
+        return describe(args, command)
+    if args.command == "generate":
+        return (
+            f"Interrupted: nothing was written to {args.output} (an image is saved only once it is complete); "
+            f"rerun to start again: {command}"
+        )
+    if args.command == "convert":
+        return (
+            f"Interrupted: {args.output} holds no new weights unless the save had begun (every file is written "
+            f"aside, then renamed); convert again with --overwrite: {command}"
+        )
+    if args.command == "distill":
+        resume = "" if "--resume_from_checkpoint" in argv else " --resume_from_checkpoint latest"
+        return (
+            f"Interrupted: the checkpoints written so far are in {getattr(args, 'output_dir', 'the output folder')}; "
+            f"resume with: {command}{resume}"
+        )
+    return f"Interrupted; rerun with: {command}"
+
+
+def _is_main_process() -> bool:
+    """Under ``accelerate launch`` every process gets Ctrl-C: one of them says what happened."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; a user mistake prints one line (no traceback unless --verbose) and returns 2."""
+    """Run one subcommand. Every failure a user can meet is one line, with no traceback unless --verbose: a user
+    mistake returns 2, running out of memory or disk 1, Ctrl-C 130 (after saying what was saved and how to
+    resume); anything else is a bug and keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
@@ -185,16 +247,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(args, "device"):
             args.device = check_device(args.device)
         args.func(args)
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        if _is_main_process():
+            logger.error("%s", _interrupted_message(args, argv))
+        return EXIT_INTERRUPTED
     except GSPNUserError as error:
         if args.verbose:
             raise
         logger.error("%s", error)
-        return 2
-    except (ValueError, TypeError, OSError) as error:  # what the libraries underneath raise for bad input
+        return EXIT_USER_ERROR
+    except Exception as error:
         if args.verbose:
             raise
-        logger.error("%s: %s (run with -v for the traceback)", type(error).__name__, error)
-        return 2
+        message = failure_message(error, OUT_OF_MEMORY_ADVICE.get(args.command))
+        if message is not None:  # out of memory, disk full: the machine's limits, not a mistake or a bug
+            logger.error("%s (-v shows the traceback)", message)
+            return EXIT_FAILURE
+        if isinstance(error, ValueError | TypeError | OSError):  # what the libraries underneath raise for bad input
+            logger.error("%s: %s (run with -v for the traceback)", type(error).__name__, error)
+            return EXIT_USER_ERROR
+        raise
     return 0
 
 

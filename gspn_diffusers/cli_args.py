@@ -9,11 +9,13 @@ answer at once, before any model loads.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, GSPNConfig
-from .errors import GSPNFileExistsError, GSPNUserError
+from .errors import GSPNFileExistsError, GSPNUserError, probe_writable
 from .hub import CONFIG_NAME, holds_checkpoint
 
 # The names the parsers offer; tests check that they match what the library accepts
@@ -48,6 +50,32 @@ def positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+DEVICE_PATTERN = re.compile(r"(cpu|mps|cuda(:\d+)?)")
+
+
+def seed(value: str) -> int:
+    """An argparse type: a seed for ``torch.Generator.manual_seed``, an integer in 0..2**64-1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..2**64-1, got {value!r}") from None
+    if not 0 <= number <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..2**64-1 ({MAX_SEED}), got {number}")
+    return number
+
+
+def finite_float(value: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` parse as floats but would make every pixel NaN)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
     return number
 
 
@@ -149,10 +177,10 @@ def check_device(device: str | None) -> str:
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as error:
-        raise GSPNUserError(f"--device {device!r} is not a torch device ({error}); use cpu, cuda or cuda:N.") from None
+    if not DEVICE_PATTERN.fullmatch(device):
+        # torch.device also takes meta, xpu, "cuda:0 " ...: nothing these pipelines run on, or a typo.
+        raise GSPNUserError(f"--device {device!r}: use cpu, cuda, cuda:N (N = 0, 1, ...) or mps.")
+    parsed = torch.device(device)
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -168,7 +196,8 @@ def check_device(device: str | None) -> str:
 
 
 def check_image_output(path: str | Path) -> Path:
-    """An image path whose extension PIL can write (checked before generating, so no image is lost)."""
+    """An image path whose extension PIL can write, in a folder proven writable (created, a probe written and
+    removed): checked before generating, so no image is lost to a read-only folder after the work."""
     from PIL import Image
 
     path = Path(path)
@@ -183,11 +212,12 @@ def check_image_output(path: str | Path) -> Path:
         )
     if path.is_dir():
         raise GSPNUserError(f"--output {str(path)!r} is a folder; pass an image file path such as {path}/image.png.")
+    probe_writable(path.parent, "--output")  # the image (and the --save-stages images) land in this folder
     return path
 
 
 def check_checkpoint_output(path: str | Path, overwrite: bool) -> Path:
-    """A folder for GSPN weights that does not hold any yet, unless ``--overwrite``."""
+    """A folder for GSPN weights that does not hold any yet (unless ``--overwrite``), proven writable."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise GSPNUserError(f"--output {str(path)!r} is a file; pass a folder for {CONFIG_NAME} and the weights.")
@@ -196,4 +226,4 @@ def check_checkpoint_output(path: str | Path, overwrite: bool) -> Path:
             f"--output {str(path)!r} already holds GSPN weights; pass --overwrite to replace them, or choose "
             "another folder."
         )
-    return path
+    return probe_writable(path, "--output")

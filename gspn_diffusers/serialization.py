@@ -50,7 +50,11 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "check_gspn", "load_gspn", "save_gspn"
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-FORMAT_VERSION = 1
+# Version 2: the GSPN weights are a module of each attention layer (``...attn1.gspn.*``); version 1 stored them
+# under the processor (``...attn1.processor.*``) and is still read, so distilled weights of older releases load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_V1_PREFIX, _V2_PREFIX = ".processor.", ".gspn."
 
 
 def _layout(unet: Any) -> dict[str, int]:
@@ -89,7 +93,7 @@ def save_gspn(
             needed), as PEFT's ``push_to_hub`` does; the arguments are checked before anything is written.
     """
     unet = get_unet(pipe_or_unet)
-    config = gspn_config_of(unet)
+    config = gspn_config_of(unet)  # also refuses a model whose GSPN layers are not all in place
     directory = Path(save_directory)
     if push_to_hub:
         repo_id = check_push_args(repo_id)
@@ -144,10 +148,10 @@ def _read_document(config_path: Path) -> dict[str, Any]:
         ) from error
     if not isinstance(document, dict):
         raise GSPNUserError(f"{config_path} must hold a JSON object; got {type(document).__name__}.")
-    if document.get("format_version") != FORMAT_VERSION:
+    if document.get("format_version") not in READABLE_VERSIONS:
         raise GSPNUserError(
             f"{config_path} has format_version {document.get('format_version')!r}; this gspn-diffusers reads "
-            f"version {FORMAT_VERSION}."
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}: upgrade gspn-diffusers."
         )
     for key, what in (("config", "the GSPN config"), ("layers", "the attn1 layer -> channels layout")):
         if not isinstance(document.get(key), dict):
@@ -179,6 +183,13 @@ def _read_checkpoint(name_or_path: str | Path) -> tuple[dict[str, Any], GSPNConf
         raise GSPNUserError(f"{config_path}: {error}") from error
     _read_weights(weights_path, header_only=True)
     return document, config, weights_path
+
+
+def _upgrade_keys(state: dict[str, torch.Tensor], format_version: int) -> dict[str, torch.Tensor]:
+    """Version-1 names (the weights under the processor) as the module names of today."""
+    if format_version != 1:
+        return state
+    return {key.replace(_V1_PREFIX, _V2_PREFIX, 1): value for key, value in state.items()}
 
 
 def _read_weights(weights_path: Path, header_only: bool = False) -> dict[str, torch.Tensor]:
@@ -256,10 +267,10 @@ def load_gspn(pipe_or_unet: T, save_directory: str | Path) -> T:
             "This UNet is already converted with a different GSPN config than the checkpoint's; call "
             "gspn_diffusers.restore() before load_gspn()."
         )
-    state = _read_weights(weights_path)
+    state = _upgrade_keys(_read_weights(weights_path), document["format_version"])
     converted_here = not is_converted(unet)
     if converted_here:
-        convert(unet, config)
+        convert(pipe_or_unet, config)  # the pipeline too: its model_index.json must name the GSPN class
     try:
         params = gspn_parameters(unet)
         _check_state(state, params, weights_path)
@@ -268,6 +279,6 @@ def load_gspn(pipe_or_unet: T, save_directory: str | Path) -> T:
                 param.copy_(state[name].to(device=param.device, dtype=param.dtype))
     except BaseException:
         if converted_here:
-            restore(unet)
+            restore(pipe_or_unet)
         raise
     return pipe_or_unet

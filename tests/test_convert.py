@@ -25,7 +25,7 @@ def test_every_attn1_is_gspn_and_attn2_untouched(tiny_pipe):
     for name, processor in attn2_before.items():
         assert attns[name].processor is processor
         assert not isinstance(processor, GSPNAttnProcessor)
-    assert len(gspn_diffusers.gspn_processors(tiny_pipe)) == len(attn1)
+    assert len(gspn_diffusers.gspn_modules(tiny_pipe)) == len(attn1)
 
 
 def test_pretrained_projections_are_reused(tiny_pipe):
@@ -43,7 +43,7 @@ def test_converted_pipeline_generates_any_aspect_ratio(tiny_pipe, height, width)
     seen = set()
 
     def record(module, args, kwargs):
-        seen.add(module.processor.latent_size)
+        seen.add(module.gspn.latent_size)
 
     for attn in self_attention_layers(tiny_pipe.unet).values():
         attn.register_forward_pre_hook(record, with_kwargs=True)
@@ -64,14 +64,14 @@ def test_gspn_changes_the_output_and_restore_is_bit_identical(tiny_pipe):
     assert not gspn_diffusers.is_converted(tiny_pipe)
     restored = run_pipe(tiny_pipe, 64, 128)
     np.testing.assert_array_equal(restored, reference)
-    assert not any("processor" in k for k in tiny_pipe.unet.state_dict())
+    assert not any(".gspn." in k for k in tiny_pipe.unet.state_dict())
 
 
 def test_local_and_global_layers_follow_the_config():
     pipe = tiny_pipeline("sd15")
     config = GSPNConfig(chunk_size=None, layer_chunk_sizes={"down_blocks.0.*": 3, "up_blocks.1.*": 2})
     gspn_diffusers.convert(pipe, config)
-    for name, processor in gspn_diffusers.gspn_processors(pipe).items():
+    for name, processor in gspn_diffusers.gspn_modules(pipe).items():
         expected = 3 if name.startswith("down_blocks.0.") else 2 if name.startswith("up_blocks.1.") else None
         assert processor.chunk_size == expected, name
 
@@ -89,7 +89,7 @@ def test_gradients_reach_gspn_parameters_only_where_expected():
     gspn_diffusers.convert(pipe, GSPNConfig(gate_channels=8))
     unet = pipe.unet
     params = gspn_diffusers.gspn_parameters(unet)
-    assert params and all(".processor." in k for k in params)
+    assert params and all(".gspn." in k for k in params)
     sample = torch.randn(1, 4, 8, 16)
     out = unet(sample, 10, encoder_hidden_states=torch.randn(1, 77, 32)).sample
     out.square().mean().backward()
@@ -116,7 +116,8 @@ def test_bad_inputs_raise_clear_errors(tiny_pipe):
         GSPNConfig(chunk_size=0)
     attn = next(iter(self_attention_layers(tiny_pipe.unet).values()))
     with pytest.raises(RuntimeError, match="latent height and width"):
-        GSPNAttnProcessor(attn.to_v.out_features)(attn, torch.randn(1, 16, attn.to_v.in_features))
+        attn.gspn.latent_size = None
+        GSPNAttnProcessor()(attn, torch.randn(1, 16, attn.to_v.in_features))
 
 
 def test_deep_copy_of_a_converted_unet_runs_on_its_own_processors():
@@ -125,4 +126,4 @@ def test_deep_copy_of_a_converted_unet_runs_on_its_own_processors():
     sample, text = torch.randn(1, 4, 8, 16), torch.randn(1, 77, 32)
     with torch.no_grad():
         torch.testing.assert_close(twin(sample, 10, text).sample, pipe.unet(sample, 10, text).sample)
-    assert all(p.latent_size is not None for p in gspn_diffusers.gspn_processors(twin).values())
+    assert all(p.latent_size is not None for p in gspn_diffusers.gspn_modules(twin).values())

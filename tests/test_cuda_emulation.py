@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from scan_blocks import chained_scan, reference_with_state, scan_axis, state_case
+from scan_blocks import (
+    HORIZONTAL,
+    band_case,
+    band_reference,
+    band_scan,
+    chained_scan,
+    reference_with_state,
+    scan_axis,
+    state_case,
+)
 
 from gspn_diffusers.ops import DIRECTIONS, cuda_build, gspn_scan_fused_reference, gspn_scan_reference
 from gspn_diffusers.ops.cuda import EMULATION_NAME
@@ -224,8 +233,10 @@ def test_single_direction_matches_reference(emu, direction, chunk_size, tile):
     expected = gspn_scan_reference(*leaves, direction, chunk_size)
     expected.backward(grad_h.double())
     assert rel_error(h, expected.detach()) <= FWD_TOL[torch.float32]
-    *grads, grad_initial = emu.scan_backward(grad_h, x, lam, gates, d, chunk_size or 0, tile=tile)
-    assert grad_initial is None  # no initial state
+    *grads, grad_initial, grad_above, grad_below = emu.scan_backward(
+        grad_h, x, lam, gates, d, chunk_size or 0, tile=tile
+    )
+    assert grad_initial is None and grad_above is None and grad_below is None  # no initial state, no edge rows
     for got, leaf in zip(grads, leaves, strict=True):
         assert rel_error(got, leaf.grad) <= GRAD_TOL[torch.float32]
 
@@ -292,6 +303,16 @@ def test_bad_inputs_raise_clear_errors(emu):
         emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 0, 0, torch.zeros(1, 3, 4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="grad_final_state must be"):
         emu.scan_backward(args[0], args[0], args[1], args[2][:, :, :, 0], 0, 0, None, torch.zeros(1, 4, 4))
+    # Band edges: (B, W, C), horizontal scans only, never beside a carried state.
+    row = torch.zeros(1, 4, 4)
+    with pytest.raises(RuntimeError, match=r"edge_below must be \(B, W, C\) = \(1, 4, 4\)"):
+        emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 0, 0, edge_below=torch.zeros(1, 3, 4))
+    with pytest.raises(RuntimeError, match="edge_above is for the horizontal scans"):
+        emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 2, 0, edge_above=row)
+    with pytest.raises(RuntimeError, match="edge_above and initial_state cannot be combined"):
+        emu.scan_backward(args[0], args[0], args[1], args[2][:, :, :, 0], 1, 0, torch.zeros(1, 3, 4), edge_above=row)
+    with pytest.raises(RuntimeError, match="edge_below has dtype"):
+        emu.scan_forward(args[0], args[1], args[2][:, :, :, 0], 1, 0, edge_below=row.double())
 
 
 # ---- Carried state of the single-direction op ---------------------------------------------------------------
@@ -306,7 +327,7 @@ def test_carried_state_matches_reference(emu, direction, dtype):
     h, final, grads, grad_initial = chained_scan(emu, inputs, grad_h, direction, cuts, 0, initial, grad_final)
     d = DIRECTIONS.index(direction)
     whole_h, whole_final = emu.scan_forward(*inputs, d, 0, initial, True)
-    *whole_grads, whole_initial = emu.scan_backward(grad_h, *inputs, d, 0, initial, grad_final)
+    *whole_grads, whole_initial, _, _ = emu.scan_backward(grad_h, *inputs, d, 0, initial, grad_final)
     ref_h, ref_final, ref_grads, ref_initial = reference_with_state(
         inputs, grad_h, direction, None, initial, grad_final
     )
@@ -379,5 +400,57 @@ def test_carried_state_through_an_empty_block(emu):
     h, final = emu.scan_forward(x, x, torch.zeros(1, 3, 0, 3, 2), 0, 0, state, True)
     assert h.shape == x.shape
     torch.testing.assert_close(final, state, rtol=0, atol=0)
-    *_, grad_initial = emu.scan_backward(x, x, x, torch.zeros(1, 3, 0, 3, 2), 0, 0, state, 2 * state)
+    grad_initial = emu.scan_backward(x, x, x, torch.zeros(1, 3, 0, 3, 2), 0, 0, state, 2 * state)[3]
     torch.testing.assert_close(grad_initial, 2 * state, rtol=0, atol=0)
+
+
+# ---- Band edges of the single-direction op --------------------------------------------------------------------
+
+
+def check_band(emu, direction, dtype, chunk=0, tile=0, **case):
+    """The binding's band scan with edge rows against the fp64 reference: h and every gradient, the edge rows' too."""
+    inputs, grad_h, edges = band_case(direction, dtype, **case)
+    h, grads, grad_edges = band_scan(emu, inputs, grad_h, direction, chunk, edges, tile)
+    ref_h, ref_grads, ref_edges = band_reference(inputs, grad_h, direction, chunk or None, edges)
+    assert h.dtype == dtype
+    errors = {"h": (rel_error(h, ref_h), FWD_TOL[dtype])}
+    for name, got, ref in zip(("x", "lam", "gates"), grads, ref_grads, strict=True):
+        errors[f"grad {name}"] = (rel_error(got, ref), GRAD_TOL[dtype])
+    for name, got, ref in zip(("above", "below"), grad_edges, ref_edges, strict=True):
+        if ref is None:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype and got.shape == ref.shape and got.is_contiguous(), name
+        errors[f"grad {name}"] = (rel_error(got, ref), GRAD_TOL[dtype])
+    bad = {k: v for k, v in errors.items() if not v[0] <= v[1]}
+    assert not bad, f"emulated band scan vs reference (error, tolerance): {bad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk", [0, 3])
+@pytest.mark.parametrize("direction", HORIZONTAL)
+def test_band_edges_match_reference(emu, direction, chunk, dtype):
+    """Both edge rows given (strided), odd sizes; chunked: a group's first line reads no edge row."""
+    check_band(emu, direction, dtype, chunk)
+
+
+@pytest.mark.parametrize(
+    "edges", [(True, False), (False, True), (True, True)], ids=["above only", "below only", "both"]
+)
+def test_band_of_one_row(emu, edges):
+    """One row: offset -1 and +1 are the edge rows (all three neighbours valid with both given)."""
+    check_band(emu, "left_to_right", torch.float32, shape=(2, 1, 6, 4, 2), above=edges[0], below=edges[1])
+
+
+@pytest.mark.parametrize("tile", [1, 2, 4, 8, 16])
+def test_band_edges_every_tile(emu, tile):
+    """Every tile width: 16-byte packs of v2 (and single channels below a pack) carrying the edge rows."""
+    check_band(emu, "right_to_left", torch.bfloat16, tile=tile, shape=(1, 4, 5, 16, 16))
+    split = emu.last_forward_split()
+    assert split["kernel"] == "v2" and split["tile"] == tile and split["pack"] == (8 if tile % 8 == 0 else 1)
+
+
+def test_band_edges_on_the_v1_forward(emu):
+    """A 70-row band with a 16-channel tile is too long for v2: the v1 forward reads the edge rows too."""
+    check_band(emu, "left_to_right", torch.float32, chunk=2, tile=16, shape=(1, 70, 5, 2, 1))
+    assert emu.last_forward_split()["kernel"] == "v1"

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scan_blocks import chained_scan, reference_with_state, state_case
+from scan_blocks import (
+    HORIZONTAL,
+    band_case,
+    band_reference,
+    band_scan,
+    chained_scan,
+    jacobi_banded_scan,
+    reference_with_state,
+    state_case,
+)
 
 from gspn_diffusers.ops import DIRECTIONS, gspn_scan, gspn_scan_fused, gspn_scan_fused_reference, gspn_scan_reference
 
@@ -190,7 +199,7 @@ def test_carried_state_on_gpu(kernel, dtype, direction, shape, tile):
     )
     d = DIRECTIONS.index(direction)
     whole_h, whole_final = module.scan_forward(*inputs, d, 0, initial, True, tile=tile)
-    *whole_grads, whole_initial = module.scan_backward(grad_h, *inputs, d, 0, initial, grad_final, tile=tile)
+    *whole_grads, whole_initial, _, _ = module.scan_backward(grad_h, *inputs, d, 0, initial, grad_final, tile=tile)
     expected = reference_with_state(inputs, grad_h, direction, None, initial, grad_final)
     fwd, bwd = FWD_TOL[dtype], GRAD_TOL[dtype]
     for got, whole, ref, tol in zip(
@@ -202,6 +211,49 @@ def test_carried_state_on_gpu(kernel, dtype, direction, shape, tile):
     ):
         assert got.dtype == dtype and got.shape == ref.shape
         assert rel_error(got, ref) <= tol and rel_error(whole, ref) <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", HORIZONTAL)
+@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize(
+    "shape,tile,edges",
+    [
+        ((2, 19, 23, 24, 8), 0, (True, True)),
+        ((1, 1, 33, 16, 16), 0, (True, True)),
+        ((1, 300, 40, 16, 16), 16, (False, True)),
+    ],
+    ids=["v2", "one row", "v1 below only"],
+)
+def test_band_edges_on_gpu(kernel, dtype, direction, chunk, shape, tile, edges):
+    """The binding's band scan given (strided) edge rows = the reference, forward and every gradient, the edge rows'
+    included, on both forward kernels."""
+    module = kernel.load_extension()
+    inputs, grad_h, rows = band_case(direction, dtype, shape=shape, device="cuda", above=edges[0], below=edges[1])
+    h, grads, grad_rows = band_scan(module, inputs, grad_h, direction, chunk, rows, tile)
+    ref_h, ref_grads, ref_rows = band_reference(inputs, grad_h, direction, chunk or None, rows)
+    assert h.dtype == dtype and rel_error(h, ref_h) <= FWD_TOL[dtype]
+    for got, ref in zip([*grads, *grad_rows], [*ref_grads, *ref_rows], strict=True):
+        if ref is None:
+            assert got is None
+            continue
+        assert got.dtype == dtype and got.shape == ref.shape and rel_error(got, ref) <= GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("direction", HORIZONTAL)
+def test_bands_exchanging_edge_rows_on_gpu(kernel, direction):
+    """The public op on the kernel: Jacobi sweeps of bands through their edge rows = the whole scan, with its
+    gradients."""
+    inputs = scan_inputs(2, 13, 9, 32)
+    upstream = torch.randn(inputs[0].shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
+    results = []
+    for fn in (lambda *a: jacobi_banded_scan(*a, direction, [4, 5, 9], None), lambda *a: gspn_scan(*a, direction)):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        out.backward(upstream)
+        results.append([out, *(leaf.grad for leaf in leaves)])
+    for index, (got, expected) in enumerate(zip(*results, strict=True)):
+        assert rel_error(got, expected) <= (FWD_TOL if index == 0 else GRAD_TOL)[torch.float32]
 
 
 def test_compiled_archs_cover_this_gpu(kernel):

@@ -30,14 +30,10 @@ from gspn_diffusers.cli import main as cli_main
 from gspn_diffusers.convert import gspn_config_of
 from gspn_diffusers.distill.args import parse_args
 from gspn_diffusers.distill.conditioning import drop_captions, prepare_inputs, sdxl_time_ids, text_conditioning
-from gspn_diffusers.distill.data import (
-    DatasetLayoutError,
-    ImageCaptionDataset,
-    UnreadableReport,
-    collate,
-    find_records,
-)
+from gspn_diffusers.distill.data import ImageCaptionDataset, UnreadableReport, collate
+from gspn_diffusers.distill.layouts import find_records
 from gspn_diffusers.distill.losses import FeatureRecorder, LossWeights, diffusion_target, distillation_losses
+from gspn_diffusers.distill.records import DatasetLayoutError
 from gspn_diffusers.distill.train import main
 from gspn_diffusers.serialization import WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
@@ -223,7 +219,8 @@ def test_conversion_flags_beside_gspn_weights_are_named_in_the_warning(tmp_path,
     """The saved config wins; the warning names every flag given as typed, ``--chunk-size global`` (None) too."""
     from accelerate import PartialState
 
-    from gspn_diffusers.distill.train import build_models
+    from gspn_diffusers.distill.models import build_models
+    from gspn_diffusers.distill.train import student_config, warn_ignored_config_flags
 
     PartialState()  # Accelerate's logger needs the state
     start = initial_weights("sd15", tmp_path / "start")
@@ -233,7 +230,8 @@ def test_conversion_flags_beside_gspn_weights_are_named_in_the_warning(tmp_path,
         )
     )
     with caplog.at_level(logging.WARNING):
-        pipe, _, _ = build_models(args, torch.float32, torch.device("cpu"))
+        warn_ignored_config_flags(args)
+        pipe, _, _ = build_models(args, torch.float32, torch.device("cpu"), lambda unet: student_config(args, unet))
     assert "--gate-rank, --chunk-size would be ignored" in caplog.text
     assert gspn_config_of(pipe) == GSPNConfig.from_preset("sd15", gate_rank=2)
 
@@ -412,14 +410,14 @@ def test_data_workers_see_every_new_epoch(tmp_path):
     """Augmentation is drawn per (seed, epoch, index) inside the workers: each epoch's set_epoch must reach them."""
     import argparse
 
-    from gspn_diffusers.distill.train import _dataloader
+    from gspn_diffusers.distill.data import make_dataloader
 
     sample_images()[0][0].save(tmp_path / "a.png")
     captions = [f"caption {i}" for i in range(8)]
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": captions}) + "\n")
     dataset = ImageCaptionDataset(find_records(train_data_dir=str(tmp_path)), RESOLUTION)
     args = argparse.Namespace(dataloader_num_workers=1, train_batch_size=1, seed=0)
-    loader = _dataloader(args, dataset, collate)
+    loader = make_dataloader(args, dataset, collate)
     picked = []
     for epoch in range(4):
         dataset.set_epoch(epoch)

@@ -23,16 +23,12 @@ from gspn_diffusers.cli import main as cli_main
 from gspn_diffusers.cli_args import config_flags_given
 from gspn_diffusers.distill.args import parse_args
 from gspn_diffusers.distill.cache import COMPLETE_MARKER as CACHE_COMPLETE
-from gspn_diffusers.distill.checkpoints import (
-    INCOMPLETE_PREFIX,
-    check_output_dir,
-    clear_output_dir,
-    resolve_resume,
-    save_checkpoint,
-)
+from gspn_diffusers.distill.checkpoints import INCOMPLETE_PREFIX, resolve_resume, save_checkpoint
 from gspn_diffusers.distill.conditioning import encode_text, latent_moments, prepare_inputs
-from gspn_diffusers.distill.data import ImageCaptionDataset, find_records
+from gspn_diffusers.distill.data import ImageCaptionDataset
+from gspn_diffusers.distill.layouts import find_records
 from gspn_diffusers.distill.losses import FeatureRecorder, LossWeights, distillation_losses
+from gspn_diffusers.distill.run_dir import plan_run
 from gspn_diffusers.distill.train import check_args, main
 from gspn_diffusers.serialization import WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
@@ -132,11 +128,13 @@ def test_output_dir_of_another_run_is_refused_before_any_model_loads(tmp_path, c
         assert cli_main(argv) == 2
     assert "holds another run's results (checkpoint-5, gspn_weights.safetensors)" in caplog.text
     with pytest.raises(ValueError, match="pass one"):
-        check_output_dir(out, "latest", overwrite=True)
-    check_output_dir(out, "latest", overwrite=False)
-    check_output_dir(out, None, overwrite=True)
-    clear_output_dir(out)
-    assert list(out.iterdir()) == []
+        plan_run(out, "latest", overwrite=True)
+    # Final weights and only an unfinished checkpoint: nothing to resume, and the weights are not overwritten.
+    with pytest.raises(ValueError, match="holds final GSPN weights but no usable checkpoint"):
+        plan_run(out, "latest", overwrite=False)
+    plan = plan_run(out, None, overwrite=True)
+    assert sorted(p.name for p in plan.replace) == ["checkpoint-5", WEIGHTS_NAME]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-5", WEIGHTS_NAME]  # planning moves nothing
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,11 @@ emulated kernels in place of the CUDA ones. The kernels themselves are tested in
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from scan_blocks import HORIZONTAL, banded_scan, jacobi_banded_scan, patch_parallel_scan, true_edge_rows
 
 from gspn_diffusers import convert
 from gspn_diffusers.ops import (
@@ -117,8 +120,6 @@ def test_float64_runs_the_reference_with_one_warning(use_emulation):
     with pytest.warns(UserWarning, match="not torch.float64; running the PyTorch reference"):
         out = gspn_scan_fused(*inputs, None, True)
     torch.testing.assert_close(out, gspn_scan_fused_reference(*inputs, None, True))
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call warns no more
         gspn_scan_fused(*inputs, None, True)
@@ -168,7 +169,7 @@ def test_torch_compile_fullgraph_through_a_converted_unet(use_emulation):
     gen = torch.Generator().manual_seed(4)
     sample = torch.randn(1, unet.config.in_channels, 8, 16, generator=gen)
     context = torch.randn(1, 7, unet.config.cross_attention_dim, generator=gen)
-    gspn = [p for name, p in unet.named_parameters() if ".processor." in name]
+    gspn = [p for name, p in unet.named_parameters() if ".gspn." in name]
 
     def loss_and_grads(model):
         unet.zero_grad()
@@ -204,9 +205,115 @@ def test_self_check_reports_a_wrong_carried_state(use_emulation, monkeypatch):
     """A reference whose final state is off by 1 % must fail the check: the state is compared, not ignored."""
 
     def off_final_state(*args, **kwargs):
-        h, final = gspn_scan_reference(*args, **kwargs)
-        return h, final * 1.01
+        out = gspn_scan_reference(*args, **kwargs)
+        return (out[0], out[1] * 1.01) if isinstance(out, tuple) else out
 
     monkeypatch.setattr(policy, "gspn_scan_reference", off_final_state)
     problem = policy.self_check(torch.device("cpu"), torch.float32, False, False, None)
-    assert "output and final state differs" in problem
+    assert "output, final state and band output differs" in problem
+
+
+def test_self_check_reports_wrong_band_edges(use_emulation, monkeypatch):
+    """A reference that ignores the band's edge rows must fail the check: the band scan is compared too."""
+
+    def without_edges(*args, edge_rows=None, **kwargs):
+        return gspn_scan_reference(*args, **kwargs)
+
+    monkeypatch.setattr(policy, "gspn_scan_reference", without_edges)
+    problem = policy.self_check(torch.device("cpu"), torch.float32, False, False, None)
+    assert "band output differs" in problem
+
+
+# ---- Band edges through the public op -------------------------------------------------------------------------
+
+
+def band_inputs(b=2, h=7, w=5, c=8, g=4, dtype=torch.float32, seed=5, directions=None):
+    gen = torch.Generator().manual_seed(seed)
+    gate_shape = (b, h, w, 3, g) if directions is None else (b, h, w, directions, 3, g)
+    x, lam = torch.randn(b, h, w, c, generator=gen), torch.rand(b, h, w, c, generator=gen) + 0.1
+    return [t.to(dtype) for t in (x, lam, 2 * torch.randn(*gate_shape, generator=gen))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("direction", HORIZONTAL)
+def test_bands_run_on_the_kernel_and_equal_the_whole_scan(use_emulation, direction, chunk_size, dtype):
+    """The kernel itself (no warning: no fallback) takes the edge rows: bands fed the whole scan's outside rows
+    equal it; Jacobi sweeps through the edge rows give the whole scan's gradients (the edge rows' own included)."""
+    x, lam, gates = band_inputs(dtype=dtype)
+    cuts = [2, 3, 6]  # bands of 2, 1, 3 and 1 rows
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole = gspn_scan(x, lam, gates, direction, chunk_size)
+        banded = banded_scan(x, lam, gates, direction, cuts, chunk_size, lambda r0, r1: true_edge_rows(whole, r0, r1))
+        swept, swept_grads = grads_of(
+            lambda *a: jacobi_banded_scan(*a, direction, cuts, chunk_size), [x, lam, gates], upstream
+        )
+    leaves = [t.double() for t in (x, lam, gates)]
+    expected, ref_grads = grads_of(
+        lambda *a: gspn_scan_reference(*a, direction, chunk_size), leaves, upstream.double()
+    )
+    assert rel_error(banded, whole) <= TOL[dtype] and rel_error(banded, expected) <= TOL[dtype]
+    assert rel_error(swept, expected) <= TOL[dtype]
+    for name, got, ref in zip(["x", "lam", "gates"], swept_grads, ref_grads, strict=True):
+        assert rel_error(got, ref) <= 3 * TOL[dtype], name
+
+
+def test_four_directions_over_bands_on_the_kernel(use_emulation):
+    """Patch parallelism's composition (horizontal: edge rows; vertical: carried state) on the kernel equals the
+    fused reference, forward and every gradient."""
+    x, lam, gates4 = band_inputs(b=1, h=6, w=4, c=4, g=4, seed=7, directions=4)
+    merge = torch.tensor([0.7, -1.3, 0.4, 1.1])
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, got_grads = grads_of(lambda *a: patch_parallel_scan(*a, merge, [1, 4], None), [x, lam, gates4], upstream)
+    ones = torch.ones_like(x, dtype=torch.float64)
+    expected, ref_grads = grads_of(
+        lambda *a: gspn_scan_fused_reference(*a, ones, merge.double()),
+        [t.double() for t in (x, lam, gates4)],
+        upstream.double(),
+    )
+    assert rel_error(got, expected) <= TOL[torch.float32]
+    for name, g, r in zip(["x", "lam", "gates"], got_grads, ref_grads, strict=True):
+        assert rel_error(g, r) <= 3 * TOL[torch.float32], name
+
+
+def test_edge_rows_in_another_dtype_run_the_reference_with_one_warning(use_emulation):
+    x, lam, gates = band_inputs()
+    above = torch.randn(2, 5, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="one dtype on one device .* torch.float64"):
+        out = gspn_scan(x, lam, gates, "left_to_right", edge_rows=(above, None))
+    torch.testing.assert_close(out, gspn_scan_reference(x, lam, gates, "left_to_right", edge_rows=(above, None)))
+
+
+def test_torch_compile_sees_one_op_per_band_scan(use_emulation):
+    """The edge rows go through the custom op's schema and fake implementation: fullgraph compiles, one scan op,
+    the same output and gradients (edge rows included) as eager."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    x, lam, gates = band_inputs(b=1, h=3, w=4, c=4, g=2)
+    edges = [torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(9)) for _ in range(2)]
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    def band(x, lam, gates, above, below):
+        return gspn_scan(x, lam, gates, "right_to_left", None, edge_rows=(above, below))
+
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(10))
+    eager = grads_of(band, [x, lam, gates, *edges], upstream)
+    compiled = grads_of(
+        torch.compile(band, fullgraph=True, backend=recording_backend), [x, lam, gates, *edges], upstream
+    )
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert [n.target for n in graphs[0].graph.nodes if n.op == "call_function"].count(
+        torch.ops.gspn_diffusers.scan.default
+    ) == 1
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6)
+    for got, expected in zip(compiled[1], eager[1], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -18,12 +18,13 @@ from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
 from PIL import Image
 
+from gspn_diffusers.attention import to_gspn_attention
 from gspn_diffusers.distill.conditioning import drop_captions, drop_embeddings, drop_mask
 from gspn_diffusers.distill.data import ImageCaptionDataset, ImageRecord, resize_and_crop
 from gspn_diffusers.distill.losses import LossWeights, combine_losses, convert_prediction, diffusion_target
 from gspn_diffusers.distill.train import optimizer_step
+from gspn_diffusers.module import GSPNModule
 from gspn_diffusers.ops import DIRECTIONS, NUM_GATES, gspn_scan_fused_reference
-from gspn_diffusers.processor import GSPNAttnProcessor
 
 
 def _fixed_terms():
@@ -72,11 +73,11 @@ def test_gspn_processor_against_a_hand_computation():
     torch.manual_seed(0)
     channels, height, width = 16, 3, 4
     attn = Attention(query_dim=channels, heads=2, dim_head=8, residual_connection=True, rescale_output_factor=2.0)
-    processor = GSPNAttnProcessor(channels, gate_rank=2, gate_channels=8, chunk_size=None)
+    processor = GSPNModule(channels, gate_rank=2, gate_channels=8, chunk_size=None)
     torch.nn.init.normal_(processor.gate_up.weight, std=0.5)  # zero at init: make the gates matter
     torch.nn.init.normal_(processor.gate_up.bias, std=0.5)
     torch.nn.init.normal_(processor.skip, std=0.5)
-    attn.set_processor(processor)
+    to_gspn_attention(attn, processor)
     processor.latent_size = (height, width)
     x = torch.randn(2, height * width, channels)
     with torch.no_grad():

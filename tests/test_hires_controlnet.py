@@ -17,7 +17,8 @@ PROMPT = "a lighthouse at dawn"
 
 
 def controlnet_for(unet) -> ControlNetModel:
-    """Diffusers' ControlNet of ``unet`` with its zero-initialised output convolutions made non-zero."""
+    """Diffusers' ControlNet of ``unet`` with its zero-initialised output convolutions made non-zero (the
+    conditioning embedding's strongly, or the random tiny ControlNet's residuals barely depend on the image)."""
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -25,6 +26,7 @@ def controlnet_for(unet) -> ControlNetModel:
         zeroed.append(controlnet.controlnet_cond_embedding.conv_out)
         for module in zeroed:
             module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
+        controlnet.controlnet_cond_embedding.conv_out.weight.mul_(30)
     return controlnet
 
 
@@ -70,11 +72,11 @@ def record_control(pipe) -> tuple[list, object]:
 @pytest.mark.parametrize("local_denoising", ["windows", "whole"])
 def test_the_control_image_guides_the_base_and_every_stage(sd15, local_denoising):
     calls, handle = record_control(sd15)
-    first = run(sd15, control_images(0), local_denoising=local_denoising, controlnet_conditioning_scale=4.0).images
+    first = run(sd15, control_images(0), local_denoising=local_denoising, controlnet_conditioning_scale=2.0).images
     handle.remove()
-    second = run(sd15, control_images(1), local_denoising=local_denoising, controlnet_conditioning_scale=4.0).images
+    second = run(sd15, control_images(1), local_denoising=local_denoising, controlnet_conditioning_scale=2.0).images
     assert first.shape == second.shape == (1, 4, 16, 32)
-    assert (first - second).abs().max() > 5e-3  # float noise between equal runs is below 1e-5
+    assert (first - second).abs().max() > 1e-2  # equal inputs agree to 1e-5
     assert {stage for stage, _, _ in calls} == {0, 1}
     stage_shapes = {shape for stage, shape, _ in calls if stage == 1}
     # CFG batch 2; the 16x32 latent's dilated sub-latents (d = 2: four of 8x16) see the image at 64x128 px
@@ -83,7 +85,7 @@ def test_the_control_image_guides_the_base_and_every_stage(sd15, local_denoising
         assert stage_shapes == {(2 * 3, 3, 128, 128), dilated}
     else:
         assert stage_shapes == {(2, 3, 128, 256), dilated}
-    assert {scale for _, _, scale in calls} == {4.0}
+    assert {scale for _, _, scale in calls} == {2.0}
 
 
 def test_control_guidance_end_counts_in_steps_of_the_full_schedule(sd15):
@@ -117,9 +119,9 @@ def test_sdxl_controlnet_comes_along_from_a_controlnet_pipeline():
     pipe = GSPNDemoFusionSDXLPipeline.from_pipe(controlled)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.controlnet is controlled.controlnet
-    first = run(pipe, control_images(0), local_denoising="windows", controlnet_conditioning_scale=4.0).images
-    second = run(pipe, control_images(1), local_denoising="windows", controlnet_conditioning_scale=4.0).images
-    assert (first - second).abs().max() > 5e-3
+    first = run(pipe, control_images(0), local_denoising="windows", controlnet_conditioning_scale=2.0).images
+    second = run(pipe, control_images(1), local_denoising="windows", controlnet_conditioning_scale=2.0).images
+    assert (first - second).abs().max() > 1e-2  # equal inputs agree to 1e-5
     # without the control image the call is refused: the ControlNet would be silently unused
     with pytest.raises(ValueError, match="give its control_image"):
         pipe(PROMPT, height=128, width=256, output_type="latent")

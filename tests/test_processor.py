@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import gspn_diffusers
-from gspn_diffusers import GSPNAttnProcessor, GSPNConfig, line_block, ops
-from gspn_diffusers import processor as processor_module
+from gspn_diffusers import GSPNConfig, line_block, ops
+from gspn_diffusers import module as module_module
+from gspn_diffusers.attention import to_gspn_attention
+from gspn_diffusers.module import GSPNModule
 from gspn_diffusers.ops import backend
 from gspn_diffusers.tiny import tiny_pipeline
 
@@ -67,7 +69,7 @@ def run_tiny_unet(device: str, autocast_dtype: torch.dtype | None) -> int:
     with torch.no_grad(), autocast:
         out = unet(sample, 10, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
     assert torch.isfinite(out).all()
-    return len(gspn_diffusers.gspn_processors(unet))
+    return len(gspn_diffusers.gspn_modules(unet))
 
 
 def assert_one_activation_dtype(calls, expected: torch.dtype, layers: int) -> None:
@@ -92,12 +94,12 @@ def test_cuda_autocast_hands_the_op_one_activation_dtype(recorded_dtypes, dtype)
 
 
 def processor_case(chunk_size, gate_channels, normalize, use_skip=True, height=13, width=11, channels=8, seed=0):
-    """A GSPN processor with random non-zero gates on a diffusers Attention, and tokens of a height x width latent."""
+    """A GSPN module with random non-zero gates on a diffusers Attention, and tokens of a height x width latent."""
     from diffusers.models.attention_processor import Attention
 
     torch.manual_seed(seed)
     attn = Attention(query_dim=channels, heads=2, dim_head=channels // 2).double()
-    processor = GSPNAttnProcessor(
+    processor = GSPNModule(
         channels,
         gate_rank=2,
         gate_channels=gate_channels,
@@ -110,7 +112,7 @@ def processor_case(chunk_size, gate_channels, normalize, use_skip=True, height=1
     with torch.no_grad():
         for param in processor.parameters():
             param.normal_()
-    attn.set_processor(processor)
+    to_gspn_attention(attn, processor)
     processor.latent_size = (height, width)
     return attn, processor, torch.randn(2, height * width, channels, dtype=torch.float64)
 
@@ -165,16 +167,21 @@ def test_line_block_inference_only_without_grad_and_above_the_threshold(monkeypa
     attn, processor, tokens = processor_case(None, None, True, height=6, width=5)
     calls = []
     monkeypatch.setattr(
-        processor_module,
+        module_module,
         "line_block_scan_fused",
         lambda *a, **k: calls.append(1) or line_block.line_block_scan_fused(*a, **k),
     )
     processor.line_block_tokens = 30
     with torch.no_grad():
         attn(tokens)  # 30 tokens: not above the threshold
-    attn(tokens)  # grad enabled: the whole computation, which autograd can differentiate
     assert not calls
     processor.line_block_tokens = 29
+    attn(tokens)  # above it, but gradients are recorded: the whole computation, which autograd can differentiate
+    assert not calls
+    with torch.no_grad():
+        attn(tokens)
+    assert calls == [1]
+    processor.line_block_tokens = None  # never
     with torch.no_grad():
         attn(tokens)
     assert calls == [1]
@@ -183,7 +190,7 @@ def test_line_block_inference_only_without_grad_and_above_the_threshold(monkeypa
 def test_config_line_block_fields_reach_every_processor():
     unet = tiny_pipeline("sd15").unet
     gspn_diffusers.convert(unet, GSPNConfig(line_block_tokens=None, line_block_lines=8))
-    processors = gspn_diffusers.gspn_processors(unet).values()
+    processors = gspn_diffusers.gspn_modules(unet).values()
     assert all(p.line_block_tokens is None and p.line_block_lines == 8 for p in processors)
     with pytest.raises(ValueError, match="line_block_lines"):
         GSPNConfig(line_block_lines=0)
@@ -201,7 +208,7 @@ def test_line_block_memory_per_token_channel_on_the_meta_sdxl():
     blocks = gspn_layer_bytes_per_token_channel(unet, layer, 1024, 2048, line_block=True)
     assert reference > 100 and 30 < whole < 40
     assert blocks <= 22 and whole - blocks > 12
-    assert unet.get_submodule(layer).processor.line_block_tokens == GSPNConfig().line_block_tokens  # restored
+    assert unet.get_submodule(layer).gspn.line_block_tokens == GSPNConfig().line_block_tokens  # restored
 
 
 def test_line_block_inference_under_autocast_matches_the_whole_computation():
@@ -209,13 +216,13 @@ def test_line_block_inference_under_autocast_matches_the_whole_computation():
     unet = tiny_pipeline("sdxl").unet
     gspn_diffusers.convert(unet)
     with torch.no_grad():  # gates and merge away from their uniform initialisation
-        for processor in gspn_diffusers.gspn_processors(unet).values():
+        for processor in gspn_diffusers.gspn_modules(unet).values():
             processor.gate_up.weight.normal_()
             processor.merge.normal_()
     sample, embeds, added = tiny_unet_inputs(unet, height=24, width=20)
     outputs = []
     for threshold in (None, 0):
-        for processor in gspn_diffusers.gspn_processors(unet).values():
+        for processor in gspn_diffusers.gspn_modules(unet).values():
             processor.line_block_tokens, processor.line_block_lines = threshold, 5
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             outputs.append(unet(sample, 10, encoder_hidden_states=embeds, added_cond_kwargs=added).sample.float())

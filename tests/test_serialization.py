@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import gspn_diffusers
 from gspn_diffusers import GSPNConfig
 from gspn_diffusers.errors import GSPNFileExistsError, GSPNUserError
-from gspn_diffusers.serialization import CONFIG_NAME, WEIGHTS_NAME
+from gspn_diffusers.serialization import CONFIG_NAME, WEIGHTS_NAME, check_gspn
 from gspn_diffusers.tiny import tiny_pipeline
 
 
@@ -50,7 +50,7 @@ def test_only_gspn_keys_are_saved(tmp_path):
     gspn_diffusers.save_gspn(pipe, tmp_path)
     keys = set(load_file(tmp_path / WEIGHTS_NAME))
     assert keys == set(gspn_diffusers.gspn_parameters(pipe))
-    assert all(".attn1.processor." in k for k in keys)
+    assert all(".attn1.gspn." in k for k in keys)
     document = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert document["config"]["preset"] == "sd15" and len(document["layers"]) == 7
 
@@ -205,3 +205,31 @@ def test_push_to_hub_arguments_are_checked_before_writing(tmp_path, repo_id, mes
     with pytest.raises(GSPNUserError, match=message):
         gspn_diffusers.save_gspn(pipe, tmp_path / "out", push_to_hub=True, repo_id=repo_id)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("part", [CONFIG_NAME, WEIGHTS_NAME])
+def test_a_folder_holding_part_of_a_checkpoint_counts_as_a_checkpoint(tmp_path, part):
+    """Half a checkpoint (a crash, a copy cut short) is still someone's: refused without overwrite, replaced with."""
+    (tmp_path / part).write_text("half")
+    pipe = gspn_diffusers.convert(tiny_pipeline("sd15"))
+    with pytest.raises(GSPNFileExistsError, match="already holds GSPN weights"):
+        gspn_diffusers.save_gspn(pipe, tmp_path)
+    assert (tmp_path / part).read_text() == "half"
+    gspn_diffusers.save_gspn(pipe, tmp_path, overwrite=True)
+    assert check_gspn(tmp_path) == tmp_path  # a whole, readable checkpoint now
+
+
+def test_model_card_names_no_hub_base_model_for_a_local_folder(tmp_path, monkeypatch):
+    """A base loaded from a folder is not a hub model: the card's YAML must not claim one (the hub would link it),
+    even when the folder's relative path looks like ``org/name``."""
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    pipe = gspn_diffusers.convert(tiny_pipeline("sd15"))
+    for base in ("org/name", str(tmp_path / "org" / "name")):
+        card = (
+            gspn_diffusers.save_gspn(pipe, tmp_path / "w", base_model=base, overwrite=True) / "README.md"
+        ).read_text()
+        assert "base_model:" not in card.split("---")[1]
+        assert f"`{base}`" in card  # still named in the text
+    card = gspn_diffusers.save_gspn(pipe, tmp_path / "w", base_model="org/hub-model", overwrite=True) / "README.md"
+    assert "base_model: org/hub-model" in card.read_text().split("---")[1]

@@ -94,8 +94,10 @@ void forward_typed(const gspn::ScanInputs& in, const gspn::ScanForwardOutputs& o
 
 template <typename T>
 void backward_typed(const gspn::ScanInputs& in, const gspn::ScanBackwardArgs& args) {
-  const dim3 grid(static_cast<unsigned>((in.channels + in.tile - 1) / in.tile), static_cast<unsigned>(in.batch));
-  launch(gspn::backward_kernel<T>, in, args, grid, in.threads, gspn::backward_shared_bytes(in));
+  gspn::dispatch_backward<T>(in, [&](auto kernel, dim3 grid, int threads, size_t shared) {
+    launch(kernel, in, args, grid, threads, shared);
+    return cudaSuccess;
+  });
 }
 
 // The work split of the last emulated forward, so tests can check which kernel (v1, v2 with which packs) ran.

@@ -122,7 +122,8 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
         train,
         "overwrite_output_dir",
         action="store_true",
-        help="Delete another run's checkpoints and weights in --output_dir and start over.",
+        help="Start over: another run's results in --output_dir are moved aside, and removed once the new run's "
+        "first checkpoint is complete.",
     )
     _flag(train, "seed", type=int, default=0, help="Seed of data order and augmentation; process i draws with seed+i.")
     _flag(train, "train_batch_size", type=int, default=4, help="Per-device batch size.")
@@ -160,7 +161,12 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("checkpoints and logging")
     _flag(io, "checkpointing_steps", type=int, default=500, help="Save the Accelerate state every N steps.")
     _flag(io, "checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    _flag(io, "resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" in output_dir.')
+    _flag(
+        io,
+        "resume_from_checkpoint",
+        default=None,
+        help='A checkpoint folder, its step number, or "latest" (the newest usable one in output_dir).',
+    )
     _flag(
         io,
         "validation_prompts",
@@ -178,5 +184,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Distill the GSPN modules of a converted UNet from the original.")
+    # Here only: `gspn-diffusers distill` has the top-level -v (a subcommand's default would override it).
+    parser.add_argument("-v", "--verbose", action="store_true", help="Full tracebacks of errors.")
     add_distill_args(parser)
     return parser.parse_args(argv)

@@ -16,6 +16,7 @@ files are renamed into place when written, so an interrupted build continues whe
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -25,12 +26,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .conditioning import encode_text, latent_moments
-from .data import ImageCaptionDataset, ImageRecord, TarMember, UnreadableReport, collate
+from .data import ImageCaptionDataset, UnreadableReport, collate
+from .failures import writing
+from .records import ImageRecord, TarMember
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +113,9 @@ def build_latent_cache(
             tensors["crop_top_left"] = batch["crops_top_left"][j]
             path = _item_path(directory, todo[done + j])
             temporary = path.with_suffix(".tmp")
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary)
+            # Serialised here and written with open(): safetensors' save_file creates its files 0600, and a shared
+            # cache must be readable by the group (the umask's mode, as for any file a user writes).
+            temporary.write_bytes(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
             temporary.rename(path)
         done += len(mean)
     accelerator.wait_for_everyone()
@@ -142,3 +147,23 @@ def collate_cached(samples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     batch["crops_top_left"] = batch.pop("crop_top_left")
     batch["unreadable"] = []
     return batch
+
+
+def training_data(
+    args: argparse.Namespace,
+    pipe: DiffusionPipeline,
+    dataset: ImageCaptionDataset,
+    accelerator: Accelerator,
+    weight_dtype: torch.dtype,
+    report: UnreadableReport,
+) -> tuple[torch.utils.data.Dataset, Any]:
+    """The dataset the loop reads and its collate function: images, or their cached encodings."""
+    if not args.cache_latents:
+        return dataset, collate
+    base = Path(args.cache_dir) / "gspn_latents" if args.cache_dir else Path(args.output_dir) / "latent_cache"
+    directory = base / cache_key(args.model or f"tiny-{args.tiny}", dataset, weight_dtype)
+    with writing(base, "the latent cache"):  # what is written stays: an interrupted build continues
+        build_latent_cache(
+            pipe, dataset, directory, accelerator, args.train_batch_size, args.dataloader_num_workers, report
+        )
+    return CachedLatents(directory, len(dataset)), collate_cached

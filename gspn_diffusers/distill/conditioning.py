@@ -137,6 +137,14 @@ def drop_embeddings(
     return out
 
 
+def sample_timesteps(
+    count: int, num_train_timesteps: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """Training timesteps, uniform over the scheduler's whole range ``[0, T)``: the student must match the
+    teacher at every noise level it samples with, the cleanest (0) and the noisiest (T - 1) included."""
+    return torch.randint(0, num_train_timesteps, (count,), generator=generator, device=device)
+
+
 def prepare_inputs(
     pipe: DiffusionPipeline,
     noise_scheduler: Any,
@@ -167,8 +175,8 @@ def prepare_inputs(
         embeddings = encode_text(pipe, drop_captions(batch["captions"], caption_dropout), device)
     draw_on = generator.device if generator is not None else device
     noise = torch.randn(latents.shape, generator=generator, device=draw_on).to(device)
-    steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (len(latents),), generator=generator, device=draw_on).to(device)
+    timesteps = sample_timesteps(len(latents), noise_scheduler.config.num_train_timesteps, generator, draw_on)
+    timesteps = timesteps.to(device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     conditioning = unet_conditioning(embeddings, batch["original_sizes"], batch["crops_top_left"], resolution)

@@ -10,6 +10,7 @@ processor) without touching either model's code.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,10 +18,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
 from ..convert import self_attention_layers
+
+logger = get_logger(__name__)  # main process only: the warning below is the same on every process
+
+LOSS_TERMS = ("loss", "target", "teacher", "feature")  # what distillation_losses returns, in LossMeter's order
 
 FEATURE_LOSSES = ("attn1", "blocks")
 FEATURE_REDUCTIONS = ("mean", "sum")
@@ -197,3 +204,56 @@ def distillation_losses(
     with student_recorder.recording() as student_features:
         student_pred = student(noisy_latents, timesteps, **unet_kwargs, return_dict=False)[0]
     return combine_losses(student_pred, teacher_pred, target, student_features, teacher_features, weights)
+
+
+def prediction_setup(pipe: DiffusionPipeline, prediction_type: str | None) -> tuple[Any, Any, Any]:
+    """The training noise scheduler, the teacher's sampling scheduler and the teacher-output conversion.
+
+    With ``--prediction_type`` different from the model's, the student learns the new target, the
+    teacher's output is converted to it (:func:`convert_prediction`), and the pipeline's scheduler
+    is registered with the new type (validation, and what the student is used with), while the
+    teacher's validation images keep the original scheduler.
+    """
+    teacher_scheduler = pipe.scheduler
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    teacher_type = noise_scheduler.config.prediction_type
+    if prediction_type is None or prediction_type == teacher_type:
+        return noise_scheduler, teacher_scheduler, None
+    noise_scheduler.register_to_config(prediction_type=prediction_type)
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    logger.warning(
+        "--prediction_type %s: the student is trained on it while the teacher predicts %s (converted); use the "
+        "distilled weights with a scheduler whose prediction_type is %s.",
+        prediction_type,
+        teacher_type,
+        prediction_type,
+    )
+    to_student = functools.partial(
+        convert_prediction, noise_scheduler, from_type=teacher_type, to_type=prediction_type
+    )
+    return noise_scheduler, teacher_scheduler, to_student
+
+
+class LossMeter:
+    """Loss terms summed on the device per micro-batch; one collective per logging step, not per micro-batch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(LOSS_TERMS), device=self.device)
+        self.count = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([losses[t].detach().float() for t in LOSS_TERMS])
+        self.count += 1
+
+    def gather(self, accelerator: Accelerator, skipped: int) -> tuple[dict[str, float], int]:
+        """The mean of every term over all processes' micro-batches since the last call, and the total skips."""
+        local = torch.cat([self.sums, self.sums.new_tensor([self.count, skipped])])
+        total = accelerator.reduce(local, "sum").tolist()
+        count = max(total[len(LOSS_TERMS)], 1.0)
+        means = {("loss" if t == "loss" else f"loss/{t}"): v / count for t, v in zip(LOSS_TERMS, total, strict=False)}
+        self.reset()
+        return means, int(total[-1])

@@ -34,7 +34,7 @@ _EXPORTS = {
     "format_comparison": "report",
     "format_table": "report",
     "load_results": "report",
-    "EvaluationConfig": "runner",
+    "EvaluationConfig": "settings",
     "evaluate": "runner",
 }
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .protocols import FID_BACKENDS, FID_RESIZE_FILTERS, PROTOCOLS, REFERENCE_SETS
 
 if TYPE_CHECKING:  # torch, diffusers and the metrics load only when a command runs, not for --help
-    from .runner import EvaluationConfig
+    from .settings import EvaluationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ _SETTINGS = {
 
 def _config(args: argparse.Namespace) -> EvaluationConfig:
     """The run's settings: the protocol's, then the flags given explicitly (recorded as overrides)."""
-    from .runner import EvaluationConfig
+    from .settings import EvaluationConfig
 
     explicit = {key: getattr(args, flag) for flag, key in _SETTINGS.items() if getattr(args, flag) is not None}
     return EvaluationConfig.from_protocol(
@@ -57,6 +57,7 @@ def _config(args: argparse.Namespace) -> EvaluationConfig:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    from ..errors import GSPNUserError
     from .report import format_comparison, format_table, load_results
 
     if args.compare:
@@ -69,12 +70,18 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.model is None and args.tiny is None:
         missing.insert(0, "--model (or --tiny)")
     if missing:
-        raise ValueError(f"evaluate needs {', '.join(missing)} (or --compare RUN_A RUN_B to compare two runs).")
+        raise GSPNUserError(f"evaluate needs {', '.join(missing)} (or --compare RUN_A RUN_B to compare two runs).")
     if args.gspn_weights is None and not args.original:
-        raise ValueError("Pass --gspn-weights FOLDER to evaluate a GSPN model, or --original for the original one.")
+        raise GSPNUserError("Pass --gspn-weights FOLDER to evaluate a GSPN model, or --original for the original one.")
     # (--device was checked by cli.main, as for every subcommand with a --device flag.)
     config = _config(args)
     config.check()
+    from ..errors import probe_writable
+    from .reference import default_cache_dir
+
+    # Both are written at the end (images and results; the reference statistics): proven writable now.
+    probe_writable(args.output_dir, "--output-dir")
+    probe_writable(args.fid_cache if args.fid_cache is not None else default_cache_dir(), "--fid-cache")
 
     from accelerate import PartialState
 
@@ -112,8 +119,23 @@ def run_evaluate(args: argparse.Namespace) -> None:
         print(format_table(results))
 
 
+def interrupted_message(args: argparse.Namespace, command: str) -> str:
+    """After Ctrl-C: how many images are on disk (complete ones: each is written aside and renamed) and the
+    command that resumes (the same one: a rerun generates only the missing images)."""
+    from pathlib import Path
+
+    images = Path(args.output_dir or ".") / "images"
+    saved = sum(not p.name.startswith(".") for p in images.glob("*.png")) if images.is_dir() else 0
+    manifest = images / "manifest.jsonl"
+    total = f" of {sum(1 for line in manifest.open() if line.strip())}" if manifest.is_file() else ""
+    return (
+        f"Interrupted: {saved}{total} generated images are saved in {images}; to resume (only the missing ones are "
+        f"generated), run the same command again: {command}"
+    )
+
+
 def add_evaluate_parser(subparsers) -> None:
-    from ..cli_args import add_model_args
+    from ..cli_args import add_model_args, finite_float, seed
 
     parser = subparsers.add_parser(
         "evaluate",
@@ -141,11 +163,13 @@ def add_evaluate_parser(subparsers) -> None:
     parser.add_argument(
         "--num-captions", type=int, default=None, help="Captions to use (default 30000 COCO; all lines of --captions)."
     )
-    parser.add_argument("--seed", type=int, default=0, help="Picks the COCO captions and their seeds.")
+    parser.add_argument("--seed", type=seed, default=0, help="Picks the COCO captions and their seeds (0..2**64-1).")
     parser.add_argument("--height", type=int, default=None, help="Pixels (default: model's native size).")
     parser.add_argument("--width", type=int, default=None, help="Pixels (default: model's native size).")
     parser.add_argument("--steps", type=int, default=None, help="Denoising steps (default 50).")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="Classifier-free guidance (default 7.5).")
+    parser.add_argument(
+        "--guidance-scale", type=finite_float, default=None, help="Classifier-free guidance (default 7.5)."
+    )
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument(
         "--safety-checker", action="store_true", help="Keep SD-1.5's safety checker on (off by default; recorded)."
@@ -183,4 +207,4 @@ def add_evaluate_parser(subparsers) -> None:
     parser.add_argument(
         "--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None, help="Print two finished runs side by side."
     )
-    parser.set_defaults(func=run_evaluate)
+    parser.set_defaults(func=run_evaluate, interrupted=interrupted_message)

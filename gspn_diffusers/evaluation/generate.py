@@ -2,7 +2,8 @@
 
 Each process of an ``accelerate launch`` (or the single process of a plain run) takes an even share
 of the images that are not written yet; an image is written to a hidden temporary file and renamed,
-so a killed run never leaves a truncated PNG and the next run picks up where it stopped. Every image
+so a killed run never leaves a truncated PNG and the next run picks up where it stopped (and a PNG that is
+there but does not decode, left by anything else, is generated again). Every image
 has its own seed (its own generator), so the pixels do not depend on the batch size or the number of
 processes.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,9 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from ..errors import GSPNUserError
 from .coco import CaptionRecord
-from .files import save_png_atomically, write_text_atomically
+from .files import readable_image, save_png_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +55,10 @@ def check_manifest(image_dir: Path, records: Sequence[CaptionRecord]) -> None:
         return
     for old, new in zip(read_manifest(image_dir), records, strict=False):
         if (old.caption, old.seed) != (new.caption, new.seed):
-            raise ValueError(
+            raise GSPNUserError(
                 f"{image_dir} holds image {old.png_name} made for caption {old.caption!r} (seed {old.seed}), not "
-                f"{new.caption!r} (seed {new.seed}); use another output folder, or delete that folder to start over."
+                f"{new.caption!r} (seed {new.seed}); pass another --output-dir (or move that folder away to start "
+                "over)."
             )
 
 
@@ -70,9 +75,9 @@ def check_settings(image_dir: Path, settings: dict[str, Any], write: bool = True
         changed = {key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key)}
         if changed:
             details = ", ".join(f"{key}: {previous.get(key)!r} -> {settings.get(key)!r}" for key in sorted(changed))
-            raise ValueError(
-                f"{image_dir} holds images generated with other settings ({details}); use another output folder, "
-                "or delete that folder to start over."
+            raise GSPNUserError(
+                f"{image_dir} holds images generated with other settings ({details}); pass another --output-dir "
+                "(or move that folder away to start over)."
             )
     elif write:
         write_text_atomically(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
@@ -80,6 +85,47 @@ def check_settings(image_dir: Path, settings: dict[str, Any], write: bool = True
 
 def pending_records(records: Sequence[CaptionRecord], image_dir: Path) -> list[CaptionRecord]:
     return [record for record in records if not (image_dir / record.png_name).is_file()]
+
+
+def remove_stale_temporaries(image_dir: Path) -> list[Path]:
+    """Delete the hidden temporary files a killed run left (``.000001.tmp-*.png``; ``.000001.png.tmp`` of older
+    versions): each image is written under a unique temporary name, so a rerun never overwrites them. Called
+    before this run's processes write anything."""
+    stale = [p for p in image_dir.glob(".*") if p.is_file() and ".tmp" in p.name] if image_dir.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def remove_damaged_images(
+    records: Sequence[CaptionRecord], image_dir: Path, size: tuple[int, int], workers: int | None = None
+) -> list[Path]:
+    """Delete (and return) the images of ``records`` in ``image_dir`` that do not decode completely at ``size``
+    (width, height), so a resumed run regenerates them: a file that is present but truncated (a crash, a copy
+    interrupted, a full disk) would otherwise be scored, or stop the scoring after hours of generation.
+
+    Every PNG is decoded, on ``workers`` threads (PIL decodes without the GIL): about a millisecond per 512 px
+    image on one core.
+    """
+    present = [image_dir / record.png_name for record in records if (image_dir / record.png_name).is_file()]
+    if not present:
+        return []
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        readable = list(pool.map(lambda path: readable_image(path, size), present))
+    damaged = [path for path, ok in zip(present, readable, strict=True) if not ok]
+    for path in damaged:
+        path.unlink(missing_ok=True)
+    if damaged:
+        logger.warning(
+            "%d image(s) in %s did not decode as %dx%d PNGs (truncated by an interrupted run?): removed, they are "
+            "generated again (%s%s)",
+            len(damaged),
+            image_dir,
+            *size,
+            ", ".join(path.name for path in damaged[:5]),
+            ", ..." if len(damaged) > 5 else "",
+        )
+    return damaged
 
 
 def generate_images(
@@ -107,6 +153,10 @@ def generate_images(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     state = state or PartialState()
     image_dir = Path(image_dir)
+    if state.is_main_process:  # one process checks what earlier runs left; the others wait for its verdict
+        remove_stale_temporaries(image_dir)
+        remove_damaged_images(records, image_dir, (width, height))
+    state.wait_for_everyone()
     todo = pending_records(records, image_dir)
     state.wait_for_everyone()  # nobody writes before every process has listed what is missing
     with state.split_between_processes(todo) as share:

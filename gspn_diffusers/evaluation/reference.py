@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..errors import GSPNFileNotFoundError, GSPNUserError
 from .coco import CaptionRecord, check_reference_images
 from .fid import FidBackend, GaussianStats, feature_dim, fid_image
-from .files import save_npz_atomically
+from .files import save_npz_atomically, write_text_atomically
 from .fingerprint import file_set_key, module_sha256
 from .protocols import REFERENCE_SETS
 
@@ -48,10 +50,10 @@ def reference_files(reference: str, image_dir: str | Path | None, records: list[
     if reference not in REFERENCE_SETS:
         raise ValueError(f"Unknown FID reference {reference!r}; expected one of {', '.join(REFERENCE_SETS)}.")
     if image_dir is None:
-        raise ValueError("FID needs reference images: pass --coco-images FOLDER (e.g. val2014/).")
+        raise GSPNUserError("FID needs reference images: pass --coco-images FOLDER (e.g. val2014/).")
     if reference == "selected":
         if any(record.file_name is None for record in records):
-            raise ValueError(
+            raise GSPNUserError(
                 "--fid-reference selected needs COCO annotations (--annotations); with a captions file, use "
                 "--fid-reference folder and pass the reference images with --coco-images."
             )
@@ -59,11 +61,61 @@ def reference_files(reference: str, image_dir: str | Path | None, records: list[
         return [folder / record.file_name for record in records]
     folder = Path(image_dir).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"Reference image folder {str(folder)!r} does not exist; pass e.g. val2014/.")
+        raise GSPNFileNotFoundError(
+            f"--coco-images {str(folder)!r}: no such folder; pass the folder of the FID reference images (e.g. "
+            "val2014/)."
+        )
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if len(files) < 2:
-        raise ValueError(f"{folder} holds {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}); FID needs at least 2.")
+        raise GSPNUserError(
+            f"--coco-images {folder} holds {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}); FID needs at least 2."
+        )
     return files
+
+
+VERIFIED_PREFIX = "decoded-"
+
+
+def verify_reference_images(files: list[Path], cache_dir: str | Path | None, workers: int | None = None) -> None:
+    """Decode every reference image now, before any generation, and name the first one that fails.
+
+    Opening a file reads only its header: a truncated or damaged JPEG in val2014/ would otherwise stop the FID
+    after hours of generation. JPEGs decode at 1/8 scale (``draft``), which still reads every byte of the image
+    data. A file set that decoded (same names, sizes, modification times) is remembered in ``cache_dir``, so a
+    rerun or a second model on the same reference set does not decode 40k images again.
+    """
+    if not files:
+        return
+    root = Path(os.path.commonpath([str(path.parent) for path in files]))
+    marker = None
+    if cache_dir is not None:
+        marker = Path(cache_dir).expanduser() / f"{VERIFIED_PREFIX}{file_set_key(files, root, {'check': 'decode'})}"
+        if marker.is_file():
+            return
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        problems = list(pool.map(_decode_problem, files))
+    bad = [(path, problem) for path, problem in zip(files, problems, strict=True) if problem]
+    if bad:
+        path, problem = bad[0]
+        more = f" ({len(bad) - 1} more cannot be decoded either)" if len(bad) > 1 else ""
+        raise GSPNUserError(
+            f"FID reference image {path} cannot be decoded ({problem}){more}; replace it with an intact copy (the "
+            "original archive) or remove it from --coco-images. Nothing was generated yet."
+        )
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(marker, json.dumps({"folder": str(root), "num_images": len(files)}) + "\n")
+
+
+def _decode_problem(path: Path) -> str:
+    """'' when ``path`` decodes completely, else what went wrong."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return f"{type(error).__name__}: {error}"
+    return ""
 
 
 class _ReferenceImages(Dataset):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -13,9 +12,7 @@ from tqdm.auto import tqdm
 from .clip_t import ClipModel, ClipTScore
 from .coco import CaptionRecord
 from .fid import FidBackend, GaussianStats, feature_dim, fid_image
-
-if TYPE_CHECKING:
-    from .runner import EvaluationConfig
+from .settings import EvaluationConfig
 
 
 class _GeneratedImages(Dataset):

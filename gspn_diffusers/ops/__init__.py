@@ -16,7 +16,9 @@ from .backend import resolve_backend
 from .reference import (
     DIRECTIONS,
     NUM_GATES,
+    EdgeRows,
     check_direction,
+    check_edge_rows,
     check_fused_inputs,
     check_initial_state,
     check_scan_inputs,
@@ -42,17 +44,24 @@ def gspn_scan(
     chunk_size: int | None = None,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
+    edge_rows: EdgeRows | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """One-direction GSPN scan (channels-last), optionally chained over blocks of lines by a carried state.
+    """One-direction GSPN scan (channels-last), optionally chained over blocks of lines by a carried state, or
+    over a band of rows given the hidden rows just outside it.
 
-    See :func:`gspn_scan_reference` for shapes and the carried state: scanning consecutive blocks of the
-    scan axis in scan order, each with the previous block's ``final_state``, equals the whole scan.
+    See :func:`gspn_scan_reference` for shapes, the carried state (scanning consecutive blocks of the scan axis in
+    scan order, each with the previous block's ``final_state``, equals the whole scan) and ``edge_rows``
+    ``(above, below)``, each None or (B, W, C), for the horizontal scans of a band of rows (feeding each band of
+    an image the whole scan's rows just above and below it equals the whole scan).
     """
     check_direction(direction)
     check_scan_inputs(x, lam, gate_logits, chunk_size)
     check_initial_state(x, initial_state, direction)
+    edge_rows = check_edge_rows(x, edge_rows, direction, initial_state)
     backend = resolve_backend(x)
-    return backend.scan(x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state)
+    # Only a band passes edge rows, so backends written before them (a memory model, a recorder) serve the rest.
+    band = {} if edge_rows is None else {"edge_rows": edge_rows}
+    return backend.scan(x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state, **band)
 
 
 def gspn_scan_fused(

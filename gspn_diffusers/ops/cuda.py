@@ -113,18 +113,36 @@ def _scan_op(
     chunk: int,
     initial_state: torch.Tensor | None,
     verify: bool,
+    edge_above: torch.Tensor | None = None,
+    edge_below: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    others = [lam, gate_logits] + ([initial_state] if initial_state is not None else [])
+    others = [lam, gate_logits] + [t for t in (initial_state, edge_above, edge_below) if t is not None]
     h, final = _kernel_or_reference(
         kernel_for(x, others, fused=False, normalize=False, chunk=chunk, verify=verify),
-        lambda m: m.scan_forward(x, lam, gate_logits, direction, chunk, initial_state, True, _tile()),
-        lambda: gspn_scan_reference(x, lam, gate_logits, DIRECTIONS[direction], chunk or None, initial_state, True),
+        lambda m: m.scan_forward(
+            x, lam, gate_logits, direction, chunk, initial_state, True, _tile(), edge_above, edge_below
+        ),
+        lambda: gspn_scan_reference(
+            x,
+            lam,
+            gate_logits,
+            DIRECTIONS[direction],
+            chunk or None,
+            initial_state,
+            True,
+            _edges(edge_above, edge_below),
+        ),
     )
     return h.contiguous(), final.contiguous()
 
 
+def _edges(edge_above: torch.Tensor | None, edge_below: torch.Tensor | None):
+    """The reference's ``edge_rows`` from the ops' two optional tensors."""
+    return None if edge_above is None and edge_below is None else (edge_above, edge_below)
+
+
 @_scan_op.register_fake
-def _(x, lam, gate_logits, direction, chunk, initial_state, verify):
+def _(x, lam, gate_logits, direction, chunk, initial_state, verify, edge_above=None, edge_below=None):
     perp = x.shape[1] if direction < 2 else x.shape[2]
     return x.new_empty(x.shape), x.new_empty((x.shape[0], perp, x.shape[3]))
 
@@ -140,39 +158,52 @@ def _scan_backward_op(
     chunk: int,
     initial_state: torch.Tensor | None,
     verify: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    others = [lam, gate_logits, grad_h] + [t for t in (initial_state, grad_final) if t is not None]
-    gx, glam, ggate, gstate = _kernel_or_reference(
+    edge_above: torch.Tensor | None = None,
+    edge_below: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of x, lam, gate_logits, initial_state, edge_above, edge_below (empty for an absent input)."""
+    given = (initial_state, grad_final, edge_above, edge_below)
+    others = [lam, gate_logits, grad_h] + [t for t in given if t is not None]
+    grads = _kernel_or_reference(
         kernel_for(x, others, fused=False, normalize=False, chunk=chunk, verify=verify),
-        lambda m: m.scan_backward(grad_h, x, lam, gate_logits, direction, chunk, initial_state, grad_final, _tile()),
+        lambda m: m.scan_backward(
+            grad_h, x, lam, gate_logits, direction, chunk, initial_state, grad_final, _tile(), edge_above, edge_below
+        ),
         lambda: _reference_grads(
-            lambda *a: gspn_scan_reference(*a[:3], DIRECTIONS[direction], chunk or None, a[3], True),
-            (x, lam, gate_logits, initial_state),
+            lambda *a: gspn_scan_reference(
+                *a[:3], DIRECTIONS[direction], chunk or None, a[3], True, _edges(a[4], a[5])
+            ),
+            (x, lam, gate_logits, initial_state, edge_above, edge_below),
             (grad_h, grad_final),
         ),
     )
-    return gx, glam, ggate, _or_absent(gstate, x)
+    return (*grads[:3], *(_or_absent(g, x) for g in grads[3:]))
 
 
 @_scan_backward_op.register_fake
-def _(grad_h, grad_final, x, lam, gate_logits, direction, chunk, initial_state, verify):
-    state = x.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape)
-    return x.new_empty(x.shape), lam.new_empty(lam.shape), gate_logits.new_empty(gate_logits.shape), state
+def _(
+    grad_h, grad_final, x, lam, gate_logits, direction, chunk, initial_state, verify, edge_above=None, edge_below=None
+):
+    optional = (x.new_empty(0) if t is None else t.new_empty(t.shape) for t in (initial_state, edge_above, edge_below))
+    return x.new_empty(x.shape), lam.new_empty(lam.shape), gate_logits.new_empty(gate_logits.shape), *optional
 
 
 def _scan_setup_context(ctx, inputs, output):
-    x, lam, gate_logits, direction, chunk, initial_state, verify = inputs
-    ctx.save_for_backward(x, lam, gate_logits, initial_state)
+    x, lam, gate_logits, direction, chunk, initial_state, verify, edge_above, edge_below = inputs
+    ctx.save_for_backward(x, lam, gate_logits, initial_state, edge_above, edge_below)
     ctx.args = (direction, chunk, verify)
 
 
 def _scan_backward(ctx, grad_h, grad_final):
-    x, lam, gate_logits, initial_state = ctx.saved_tensors
+    x, lam, gate_logits, initial_state, edge_above, edge_below = ctx.saved_tensors
     direction, chunk, verify = ctx.args
-    gx, glam, ggate, gstate = _scan_backward_op(
-        grad_h, grad_final, x, lam, gate_logits, direction, chunk, initial_state, verify
+    gx, glam, ggate, *optional = _scan_backward_op(
+        grad_h, grad_final, x, lam, gate_logits, direction, chunk, initial_state, verify, edge_above, edge_below
     )
-    return gx, glam, ggate, None, None, gstate if initial_state is not None else None, None
+    gstate, gabove, gbelow = (
+        g if t is not None else None for g, t in zip(optional, (initial_state, edge_above, edge_below), strict=True)
+    )
+    return gx, glam, ggate, None, None, gstate, None, gabove, gbelow
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
@@ -258,12 +289,25 @@ def _chunk(chunk_size: int | None) -> int:
     return 0 if chunk_size is None else int(chunk_size)
 
 
+def _run_scan(x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state, edge_rows, verify):
+    above, below = (None, None) if edge_rows is None else edge_rows
+    d, chunk = DIRECTIONS.index(direction), _chunk(chunk_size)
+    h, final = _scan_op(x, lam, gate_logits, d, chunk, initial_state, verify, above, below)
+    return (h, final) if return_final_state else h
+
+
 def kernel_scan(
-    x, lam, gate_logits, direction: str, chunk_size: int | None = None, initial_state=None, return_final_state=False
+    x,
+    lam,
+    gate_logits,
+    direction: str,
+    chunk_size: int | None = None,
+    initial_state=None,
+    return_final_state=False,
+    edge_rows=None,
 ):
     """The kernel on x's device (CUDA, or the emulation for CPU tensors) without the self-check."""
-    h, final = _scan_op(x, lam, gate_logits, DIRECTIONS.index(direction), _chunk(chunk_size), initial_state, False)
-    return (h, final) if return_final_state else h
+    return _run_scan(x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state, edge_rows, False)
 
 
 def kernel_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, normalize=False, eps=1e-6):
@@ -272,12 +316,18 @@ def kernel_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None,
 
 
 def cuda_scan(
-    x, lam, gate_logits, direction: str, chunk_size: int | None = None, initial_state=None, return_final_state=False
+    x,
+    lam,
+    gate_logits,
+    direction: str,
+    chunk_size: int | None = None,
+    initial_state=None,
+    return_final_state=False,
+    edge_rows=None,
 ):
     """:func:`gspn_scan_reference` computed by the kernel where the policy allows (``auto``: once self-checked)."""
     verify = requested_backend() == "auto"
-    h, final = _scan_op(x, lam, gate_logits, DIRECTIONS.index(direction), _chunk(chunk_size), initial_state, verify)
-    return (h, final) if return_final_state else h
+    return _run_scan(x, lam, gate_logits, direction, chunk_size, initial_state, return_final_state, edge_rows, verify)
 
 
 def cuda_scan_fused(x, lam, gate_logits, u, merge, skip=None, chunk_size=None, normalize=False, eps=1e-6):

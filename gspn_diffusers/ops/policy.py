@@ -133,9 +133,12 @@ def reference_on(error: RuntimeError) -> bool:
     return False
 
 
-def _kernel_scan(x, lam, gate_logits, direction, chunk_size=None, initial_state=None, return_final_state=False):
+def _kernel_scan(
+    x, lam, gate_logits, direction, chunk_size=None, initial_state=None, return_final_state=False, edge_rows=None
+):
+    above, below = (None, None) if edge_rows is None else edge_rows
     h, final = torch.ops.gspn_diffusers.scan(
-        x, lam, gate_logits, DIRECTIONS.index(direction), chunk_size or 0, initial_state, False
+        x, lam, gate_logits, DIRECTIONS.index(direction), chunk_size or 0, initial_state, False, above, below
     )
     return (h, final) if return_final_state else h
 
@@ -175,13 +178,16 @@ def self_check(device: torch.device, dtype: torch.dtype, fused: bool, normalize:
 
         kernel, reference = _kernel_scan_fused, gspn_scan_fused_reference
     else:
-        # With a carried state (what line-block inference runs): h and the final state are both checked.
-        inputs = [x, lam, rand(b, h, w, 3, g, low=-2, high=2), rand(b, w, c)]
-        names = ["output and final state", "grad x", "grad lam", "grad gates", "grad initial state"]
+        # With a carried state (what line-block inference runs) and a band's edge rows (patch parallelism): h, the
+        # final state and the band's h are all checked.
+        inputs = [x, lam, rand(b, h, w, 3, g, low=-2, high=2), rand(b, w, c), rand(b, w, c), rand(b, w, c)]
+        names = ["output, final state and band output", "grad x", "grad lam", "grad gates", "grad initial state"]
+        names += ["grad edge row above", "grad edge row below"]
 
         def run(fn, *args):
             out, final = fn(*args[:3], "bottom_to_top", chunk_size, args[3], True)
-            return torch.cat([out.flatten(), final.flatten()])
+            band = fn(*args[:3], "right_to_left", chunk_size, edge_rows=(args[4], args[5]))
+            return torch.cat([out.flatten(), final.flatten(), band.flatten()])
 
         kernel, reference = _kernel_scan, gspn_scan_reference
     tol = _CHECK_TOLERANCE[dtype]

@@ -12,7 +12,6 @@ Computation happens in fp32 (fp64 stays fp64) and the result is cast back to the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 DIRECTIONS: tuple[str, ...] = ("left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top")
 NUM_GATES = 3  # neighbour offsets -1, 0, +1 along the axis perpendicular to the scan
@@ -64,6 +63,47 @@ def check_initial_state(x: torch.Tensor, initial_state: torch.Tensor | None, dir
         )
 
 
+EdgeRows = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+def check_edge_rows(
+    x: torch.Tensor, edge_rows: EdgeRows | None, direction: str, initial_state: torch.Tensor | None
+) -> EdgeRows | None:
+    """edge_rows = (above, below) of a band of rows, each None or (B, W, C); returns None when both are None."""
+    if edge_rows is None:
+        return None
+    if not isinstance(edge_rows, (tuple, list)) or len(edge_rows) != 2:
+        raise ValueError(f"edge_rows must be a pair (above, below), each None or a (B, W, C) tensor; got {edge_rows}.")
+    above, below = edge_rows
+    if above is None and below is None:
+        return None
+    if _TRANSPOSED[direction]:
+        raise ValueError(
+            f"edge_rows is for the horizontal scans (left_to_right, right_to_left), not {direction}: a vertical scan "
+            "over a band of rows chains the bands with initial_state (the final state of the band before it)."
+        )
+    if initial_state is not None:
+        raise ValueError(
+            "edge_rows and initial_state cannot be combined: the edge neighbours of a block's first line lie outside "
+            "both the block and the edge rows. Cut the image either into bands of rows or into blocks of columns."
+        )
+    b, _, w, c = x.shape
+    for name, edge in (("above", above), ("below", below)):
+        if edge is None:
+            continue
+        if not isinstance(edge, torch.Tensor) or tuple(edge.shape) != (b, w, c):
+            shape = tuple(edge.shape) if isinstance(edge, torch.Tensor) else type(edge).__name__
+            raise ValueError(
+                f"edge_rows {name} for x {tuple(x.shape)} must be None or (B, W, C) = {(b, w, c)} (the hidden row "
+                f"{'above the band' if name == 'above' else 'below the band'} at every column); got {shape}."
+            )
+        if edge.device != x.device or not edge.is_floating_point():
+            raise ValueError(
+                f"edge_rows {name} must be a floating-point tensor on {x.device}; got {edge.dtype} on {edge.device}."
+            )
+    return above, below
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -94,16 +134,17 @@ def expand_gate_channels(gate_logits: torch.Tensor, channels: int) -> torch.Tens
     return gate_logits.repeat_interleave(channels // groups, dim=-1)
 
 
-def normalized_gates(gate_logits: torch.Tensor) -> torch.Tensor:
+def normalized_gates(gate_logits: torch.Tensor, above: bool = False, below: bool = False) -> torch.Tensor:
     """Row-stochastic propagation weights from logits in scan layout (..., R, L, 3, C).
 
     A neighbour outside [0, R) is dropped and the remaining weights renormalised, so every
-    weight row sums to one (the Stability-Context Condition).
+    weight row sums to one (the Stability-Context Condition). ``above`` / ``below``: the row before
+    row 0 / after row R - 1 is given (a band's edge row), so that neighbour is valid.
     """
     rows = gate_logits.shape[1]
     valid = torch.ones(rows, NUM_GATES, dtype=gate_logits.dtype, device=gate_logits.device)
-    valid[0, 0] = 0.0
-    valid[rows - 1, 2] = 0.0
+    valid[0, 0] = float(above)
+    valid[rows - 1, 2] = float(below)
     weights = torch.sigmoid(gate_logits) * valid[:, None, :, None]
     return weights / weights.sum(dim=3, keepdim=True)
 
@@ -132,18 +173,26 @@ def chunk_starts(
 
 
 def propagate(
-    source: torch.Tensor, weights: torch.Tensor, starts: torch.Tensor, initial: torch.Tensor | None = None
+    source: torch.Tensor,
+    weights: torch.Tensor,
+    starts: torch.Tensor,
+    initial: torch.Tensor | None = None,
+    edges: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> torch.Tensor:
     """The recurrence in scan layout: h[:, :, j] = source[:, :, j] + sum_k w_k * h[:, r + k - 1, j - 1].
 
     source: (N, R, L, C); weights: (N, R, L, 3, C) row-stochastic; starts: (L,) bool or (N, L) bool;
-    initial: (N, R, C), the line h[:, :, -1] before the first (zeros if None). Loops over L only.
+    initial: (N, R, C), the line h[:, :, -1] before the first (zeros if None); edges: the rows h[:, -1] and
+    h[:, R] outside the band, each (N, L, C) in scan order or None (zeros: their weights are 0). Loops over L only.
     """
     starts = starts.expand(source.shape[0], -1) if starts.dim() == 1 else starts
     lines: list[torch.Tensor] = []
     previous = torch.zeros_like(source[:, :, 0]) if initial is None else initial
     for j in range(source.shape[2]):
-        padded = F.pad(previous, (0, 0, 1, 1))  # (N, R + 2, C): padded[r + k] is h[r + k - 1]
+        above, below = (
+            torch.zeros_like(previous[:, :1]) if e is None or j == 0 else e[:, j - 1].unsqueeze(1) for e in edges
+        )
+        padded = torch.cat([above, previous, below], dim=1)  # (N, R + 2, C): padded[r + k] is h[r + k - 1]
         w = weights[:, :, j]
         carried = w[:, :, 0] * padded[:, :-2] + w[:, :, 1] * padded[:, 1:-1] + w[:, :, 2] * padded[:, 2:]
         carried = torch.where(starts[:, j, None, None], torch.zeros_like(carried), carried)
@@ -160,6 +209,7 @@ def gspn_scan_reference(
     chunk_size: int | None = None,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
+    edge_rows: EdgeRows | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One-direction GSPN scan. x, lam: (B, H, W, C); gate_logits: (B, H, W, 3, G) with G | C.
 
@@ -171,17 +221,30 @@ def gspn_scan_reference(
     line's gates weigh it like any predecessor (a chunked scan's first line starts a group, so there
     it is unused). With ``return_final_state`` the result is ``(h, final_state)``, the block's last
     line in scan order, which is the next block's ``initial_state``.
+
+    Band edges, for a band of rows ``[r0, r1)`` of a taller image (patch parallelism), horizontal scans only:
+    ``edge_rows = (above, below)``, each None (a true image edge: the neighbour is dropped and the weights
+    renormalised) or (B, W, C) in image coordinates, ``above[:, j]`` the hidden state h of row r0 - 1 at column j
+    and ``below[:, j]`` that of row r1. At the step that visits column j, the band's first row's offset -1 neighbour
+    is ``above`` at the previous column in scan order (j - 1 left to right, j + 1 right to left) and the last row's
+    offset +1 neighbour is ``below`` there: valid predecessors weighted by their gates, no renormalisation. A line
+    without predecessor (the first, and the first of every chunk) has none, edges included. Not combinable with
+    ``initial_state``; the vertical scans of a band chain the bands with ``initial_state`` instead.
     """
     check_direction(direction)
     check_scan_inputs(x, lam, gate_logits, chunk_size)
     check_initial_state(x, initial_state, direction)
+    edge_rows = check_edge_rows(x, edge_rows, direction, initial_state)
     dtype = _compute_dtype(x.dtype)
     source = to_scan_layout((lam.to(dtype) * x.to(dtype)), direction)
     gates = to_scan_layout(expand_gate_channels(gate_logits.to(dtype), x.shape[-1]), direction)
     carried = initial_state is not None
     starts = chunk_starts(source.shape[2], chunk_size, _REVERSED[direction], x.device, carried=carried)
     initial = initial_state.to(dtype) if carried else None
-    h = propagate(source, normalized_gates(gates), starts, initial)
+    # (B, W, C) edge rows in scan order: the scan layout's flip of the scan axis, which is their dim 1.
+    edges = (None, None) if edge_rows is None else tuple(_edge_in_scan_order(e, direction, dtype) for e in edge_rows)
+    weights = normalized_gates(gates, above=edges[0] is not None, below=edges[1] is not None)
+    h = propagate(source, weights, starts, initial, edges)
     out = from_scan_layout(h, direction).to(x.dtype)
     if not return_final_state:
         return out
@@ -190,6 +253,13 @@ def gspn_scan_reference(
     else:  # an empty block passes the state through (a copy: the caller's state is not returned as the output)
         final = initial.clone() if carried else h.new_zeros(h.shape[0], h.shape[1], h.shape[3])
     return out, final.to(x.dtype)
+
+
+def _edge_in_scan_order(edge: torch.Tensor | None, direction: str, dtype: torch.dtype) -> torch.Tensor | None:
+    if edge is None:
+        return None
+    edge = edge.to(dtype)
+    return edge.flip(1) if _REVERSED[direction] else edge
 
 
 def _scan_direction_pair(

@@ -23,6 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import empty_device_cache
 
 from ..convert import is_converted
+from ..models import gspn_components
 from .budget import gspn_backend_for, memory_budget
 from .chunking import kept_feed_forward_chunking
 from .control import ControlNetStagesMixin
@@ -101,7 +102,8 @@ class DemoFusionMixin(StagePlanningMixin, StageDecodingMixin, StageDenoisingMixi
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """Diffusers' ``from_pipe`` (same components, no copy), keeping the source pipeline's dtype.
+        """Diffusers' ``from_pipe`` (same components, no copy), keeping the source pipeline's dtype and its GSPN
+        models (Diffusers carries over only the exact classes of the signature, not their GSPN subclasses).
 
         Diffusers casts to float32 unless ``torch_dtype`` is given, which would also upcast the
         shared components of the fp16/bf16 pipeline it was built from. A ControlNet pipeline's ``controlnet``
@@ -109,6 +111,7 @@ class DemoFusionMixin(StagePlanningMixin, StageDecodingMixin, StageDenoisingMixi
         """
         if "torch_dtype" not in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = pipeline.dtype
+        kwargs = {**gspn_components(pipeline), **kwargs}
         modeling_logger, quiet = logging.getLogger("diffusers.models.modeling_utils"), _EmptyFp32ListFilter()
         modeling_logger.addFilter(quiet)
         try:

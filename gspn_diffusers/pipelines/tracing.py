@@ -226,10 +226,10 @@ def gspn_layer_bytes_per_token_channel(
 
 
 def gspn_settings(attn: torch.nn.Module) -> Any:
-    """The object of a converted ``attn1`` layer that holds its GSPN settings (``channels``, ``latent_size``,
+    """The module of a converted ``attn1`` layer that holds its GSPN settings (``channels``, ``latent_size``,
     ``line_block_tokens``): the one place the trace reaches into a GSPN layer, so a move of those settings is one
     line here."""
-    return attn.processor
+    return attn.gspn
 
 
 def meta_unet(unet_config: dict[str, Any], gspn_config: GSPNConfig | None, dtype: torch.dtype) -> UNet2DConditionModel:
