@@ -81,8 +81,9 @@ setup(
         "ninja",  # builds the CUDA kernel (JIT on first use, or ahead of time)
     ],
     extras_require={
-        # deepspeed: the ZeRO-2 config test; peft: the LoRA-on-GSPN conformance test
-        "test": ["pytest>=8", "scipy", "ruff", "datasets>=2.19", "deepspeed", "peft>=0.13"],
+        # deepspeed: the ZeRO-2 config test; peft: the LoRA-on-GSPN conformance test; matplotlib: the PNGs of the GPU
+        # check's dry run (tests/test_gpu_check_dry.py)
+        "test": ["pytest>=8", "scipy", "ruff", "datasets>=2.19", "deepspeed", "peft>=0.13", "matplotlib"],
         "distill": ["datasets>=2.19", "pandas", "pyarrow"],
         "deepspeed": ["deepspeed"],  # only for distill/configs/deepspeed_zero2.yaml
     },

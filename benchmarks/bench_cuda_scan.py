@@ -20,18 +20,23 @@ G = C and G = C/8) it measures with CUDA events after warm-up (median of ``--rep
 - the CUDA kernels one fused forward launches (torch.profiler).
 
 Writes ``cuda_scan.json`` + ``cuda_scan.png`` (or ``cuda_tiles.json`` with ``--tiles``) under --out. Without a GPU it
-exits with a clear message.
+exits with a clear message, unless ``--dry-run``: then every step above runs on the CPU (the kernel's host
+emulation, wall-clock times, resident memory, the emulation's single scan standing in for the per-line baseline,
+which only the CUDA build has) at the ``--shapes`` given, which should be tiny (``scripts/gpu_check.sh --dry-run``).
+Timing and memory go through ``gspn_diffusers.benchmarking``, the same code in both runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from gspn_diffusers.benchmarking import Meter, adaptive_ms, device_events_per_call, median_ms, meter_for
 
 # Peak HBM bandwidth in GB/s by a substring of torch.cuda.get_device_name(); the first match wins.
 PEAK_GBPS = (
@@ -55,6 +60,7 @@ BYTE_MODEL = {
     "forward_backward": "forward + backward",
     "e": "bytes per element of the dtype",
 }
+COPY_BYTES, COPY_BYTES_DRY_RUN = 2**31, 2**24  # the copy that measures the practical memory bandwidth
 # Reference cost model for the skip decision: time grows with the elements (B*H*W*C) or the scan steps (H + W),
 # whichever more; its fp32 temporaries take about this many bytes per element (expanded gates, weights, states).
 REFERENCE_BYTES_PER_ELEMENT = 4 * 48
@@ -101,60 +107,37 @@ def predict_reference(
     return seconds, None
 
 
-def cuda_time(fn, warmup: int, repeats: int) -> float:
-    """Median milliseconds of fn() over `repeats` runs timed with CUDA events, after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def adaptive_time(fn, warmup: int, repeats: int) -> float:
-    """Like cuda_time, but a call slower than a second is repeated only three times (flash attention at 16K)."""
-    first = cuda_time(fn, 1, 1)
-    if first > 1000.0:
-        return statistics.median([first, cuda_time(fn, 0, 1), cuda_time(fn, 0, 1)])
-    return cuda_time(fn, warmup, repeats)
-
-
-def copy_bandwidth_gbps(size_bytes: int = 2**31) -> float:
+def copy_bandwidth_gbps(meter: Meter, size_bytes: int) -> float:
     """Device-to-device copy, bytes read + written per second (the practical peak of this GPU's memory)."""
-    src = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
+    src = torch.empty(size_bytes, dtype=torch.uint8, device=meter.device)
     dst = torch.empty_like(src)
-    ms = cuda_time(lambda: dst.copy_(src), 3, 10)
+    ms = median_ms(meter, lambda: dst.copy_(src), 3, 10)
     return 2 * size_bytes / ms / 1e6
 
 
-def kernels_per_call(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-
-def make_inputs(batch: int, channels: int, gates: int, height: int, width: int, dtype: torch.dtype):
+def make_inputs(meter: Meter, batch: int, channels: int, gates: int, height: int, width: int, dtype: torch.dtype):
     """Random inputs drawn in place in `dtype` (no fp32 temporary: the gates of 1024x512 are 16 GB in bf16)."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = meter.generator(0)
 
     def rand(*shape, low=-1.0, high=1.0):
-        return torch.empty(*shape, device="cuda", dtype=dtype).uniform_(low, high, generator=gen)
+        return torch.empty(*shape, device=meter.device, dtype=dtype).uniform_(low, high, generator=gen)
 
     x = rand(batch, height, width, channels)
     lam = rand(batch, height, width, channels, low=0.1, high=1.0)
     gate_logits = rand(batch, height, width, 4, 3, gates, low=-2.0, high=2.0)
     u = rand(batch, height, width, channels, low=0.0, high=1.0)
     return x, lam, gate_logits, u, rand(4, channels), rand(channels)
+
+
+class EmulatedBaseline:
+    """The dry run's stand-in for the CUDA build's ``baseline_scan`` (the emulation has none): the emulated kernel's
+    single-direction scan, called with the same arguments, so :func:`baseline_fused` runs unchanged."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.module = module
+
+    def baseline_scan(self, x, lam, gate_logits, direction: int, chunk: int) -> torch.Tensor:
+        return self.module.scan_forward(x, lam, gate_logits, direction, chunk)[0]
 
 
 def baseline_fused(ext, x, lam, gates, u, merge, skip):
@@ -171,15 +154,15 @@ def baseline_fused(ext, x, lam, gates, u, merge, skip):
     return out
 
 
-def kernel_forward_ms(inputs, args) -> float:
+def kernel_forward_ms(meter: Meter, inputs, args) -> float:
     """Median ms of the fused kernel's forward on `inputs` (no autograd graph)."""
     from gspn_diffusers.ops.cuda import kernel_scan_fused
 
     with torch.no_grad():
-        return adaptive_time(lambda: kernel_scan_fused(*inputs, None, True), args.warmup, args.repeats)
+        return adaptive_ms(meter, lambda: kernel_scan_fused(*inputs, None, True), args.warmup, args.repeats)
 
 
-def time_kernel(inputs, args) -> tuple[float, float]:
+def time_kernel(meter: Meter, inputs, args) -> tuple[float, float]:
     """(forward ms, forward + backward ms) of the fused kernel on `inputs` (made leaves here, no copies)."""
     from gspn_diffusers.ops.cuda import kernel_scan_fused
 
@@ -191,40 +174,43 @@ def time_kernel(inputs, args) -> tuple[float, float]:
             leaf.grad = None
         kernel_scan_fused(*leaves, None, True).backward(grad_y)
 
-    forward_ms = kernel_forward_ms(leaves, args)
-    forward_backward_ms = adaptive_time(forward_backward, args.warmup, args.repeats)
+    forward_ms = kernel_forward_ms(meter, leaves, args)
+    forward_backward_ms = adaptive_ms(meter, forward_backward, args.warmup, args.repeats)
     for leaf in leaves:
         leaf.grad = None
         leaf.requires_grad_(False)
     return forward_ms, forward_backward_ms
 
 
-def sdpa_times(batch: int, channels: int, tokens: int, args) -> dict:
+def sdpa_times(meter: Meter, batch: int, channels: int, tokens: int, args) -> dict:
     """Flash attention on the same tokens (head dim 64), forward and, up to a size, forward + backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.randn(batch, channels // 64, tokens, 64, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, channels // 64, tokens, 64, device=meter.device, dtype=torch.bfloat16)
     times = {}
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         with torch.no_grad():
-            times["sdpa_flash_forward_ms"] = adaptive_time(
-                lambda: F.scaled_dot_product_attention(q, q, q), args.warmup, args.repeats
+            times["sdpa_flash_forward_ms"] = adaptive_ms(
+                meter, lambda: F.scaled_dot_product_attention(q, q, q), args.warmup, args.repeats
             )
         if tokens <= args.sdpa_backward_max_tokens:
             leaf = q.detach().requires_grad_()
             grad = torch.randn_like(q)
-            times["sdpa_flash_forward_backward_ms"] = adaptive_time(
-                lambda: F.scaled_dot_product_attention(leaf, leaf, leaf).backward(grad), args.warmup, args.repeats
+            times["sdpa_flash_forward_backward_ms"] = adaptive_ms(
+                meter,
+                lambda: F.scaled_dot_product_attention(leaf, leaf, leaf).backward(grad),
+                args.warmup,
+                args.repeats,
             )
     return times
 
 
-def run_shape(ext, channels, gates, height, width, dtype, args, state: dict) -> dict:
+def run_shape(meter: Meter, baseline, channels, gates, height, width, dtype, args, state: dict) -> dict:
     from gspn_diffusers.ops import gspn_scan_fused_reference
     from gspn_diffusers.ops.cuda import kernel_scan_fused
 
     batch = args.batch
-    inputs = make_inputs(batch, channels, gates, height, width, dtype)
+    inputs = make_inputs(meter, batch, channels, gates, height, width, dtype)
     x = inputs[0]
     row: dict = {
         "batch": batch,
@@ -235,9 +221,9 @@ def run_shape(ext, channels, gates, height, width, dtype, args, state: dict) -> 
     }
     sizes = bytes_moved(batch, channels, gates, height, width, x.element_size())
     row.update({f"bytes_{k}": v for k, v in sizes.items()})
-    row["kernel_forward_ms"], row["kernel_forward_backward_ms"] = time_kernel(inputs, args)
+    row["kernel_forward_ms"], row["kernel_forward_backward_ms"] = time_kernel(meter, inputs, args)
     with torch.no_grad():
-        row["kernels_per_forward_call"] = kernels_per_call(lambda: kernel_scan_fused(*inputs, None, True))
+        row["kernels_per_forward_call"] = device_events_per_call(meter, lambda: kernel_scan_fused(*inputs, None, True))
     for mode in ("forward", "forward_backward"):
         gbps = sizes[mode] / row[f"kernel_{mode}_ms"] / 1e6
         row[f"kernel_{mode}_gbps"] = gbps
@@ -245,22 +231,25 @@ def run_shape(ext, channels, gates, height, width, dtype, args, state: dict) -> 
         row[f"kernel_{mode}_pct_copy"] = 100 * gbps / args.copy_gbps
 
     with torch.no_grad():
-        row["baseline_forward_ms"] = adaptive_time(lambda: baseline_fused(ext, *inputs), 1, max(3, args.repeats // 4))
+        row["baseline_forward_ms"] = adaptive_ms(
+            meter, lambda: baseline_fused(baseline, *inputs), 1, max(3, args.repeats // 4)
+        )
         elements = x.numel()
-        free, _ = torch.cuda.mem_get_info()
         predicted, reason = predict_reference(
-            state.get("reference"), elements, height + width, free, args.reference_max_s
+            state.get("reference"), elements, height + width, meter.free_bytes(), args.reference_max_s
         )
         if reason is None and args.reference_max_elements is not None and elements > args.reference_max_elements:
             reason = f"{elements} elements > --reference-max-elements {args.reference_max_elements}"
         if reason is None:
-            row["reference_forward_ms"] = adaptive_time(lambda: gspn_scan_fused_reference(*inputs, None, True), 1, 3)
+            row["reference_forward_ms"] = adaptive_ms(
+                meter, lambda: gspn_scan_fused_reference(*inputs, None, True), 1, 3
+            )
             state["reference"] = (elements, height + width, row["reference_forward_ms"] / 1e3)
         else:
             row["reference_skipped"] = reason
     key = (batch, channels, height, width)
     if key not in state.setdefault("sdpa", {}):
-        state["sdpa"][key] = sdpa_times(batch, channels, height * width, args)
+        state["sdpa"][key] = sdpa_times(meter, batch, channels, height * width, args)
     row.update(state["sdpa"][key])
     row["x_baseline"] = row["baseline_forward_ms"] / row["kernel_forward_ms"]
     row["x_sdpa"] = row["sdpa_flash_forward_ms"] / row["kernel_forward_ms"]
@@ -276,7 +265,7 @@ def forward_at_tile(ext, inputs, tile: int):
     return lambda: ext.fused_forward(*inputs, 0, True, 1e-6, tile)
 
 
-def tile_sweep(ext, tiles: list[int], shapes: list[str], dtype: torch.dtype, args, write) -> list[dict]:
+def tile_sweep(meter: Meter, ext, tiles: list[int], shapes: list[str], dtype: torch.dtype, args, write) -> list[dict]:
     """Fused forward per GSPN_DIFFUSERS_CUDA_TILE value (0 = the kernel's own choice); ``write(rows)`` after each.
 
     The extension is called directly with the tile (what the op passes from the variable): through the op, a tile
@@ -285,12 +274,14 @@ def tile_sweep(ext, tiles: list[int], shapes: list[str], dtype: torch.dtype, arg
     rows: list[dict] = []
     for text in shapes:
         channels, height, width = parse_shape(text)
-        inputs = make_inputs(args.batch, channels, channels, height, width, dtype)
+        inputs = make_inputs(meter, args.batch, channels, channels, height, width, dtype)
         sizes = bytes_moved(args.batch, channels, channels, height, width, inputs[0].element_size())
         for tile in tiles:
             row = {"channels": channels, "gate_channels": channels, "latent": f"{height}x{width}", "tile": tile}
             try:
-                row["kernel_forward_ms"] = adaptive_time(forward_at_tile(ext, inputs, tile), args.warmup, args.repeats)
+                row["kernel_forward_ms"] = adaptive_ms(
+                    meter, forward_at_tile(ext, inputs, tile), args.warmup, args.repeats
+                )
                 row["kernel_forward_pct_peak"] = 100 * sizes["forward"] / row["kernel_forward_ms"] / 1e6 / args.peak
             except RuntimeError as error:
                 row["error"] = str(error).splitlines()[0]
@@ -298,7 +289,7 @@ def tile_sweep(ext, tiles: list[int], shapes: list[str], dtype: torch.dtype, arg
             print(json.dumps(row), flush=True)
             write(rows)
         inputs = None  # free this shape's inputs before the next
-        torch.cuda.empty_cache()
+        meter.empty_cache()
     return rows
 
 
@@ -346,6 +337,18 @@ def plot(rows: list[dict], title: str, path: Path) -> bool:
     return True
 
 
+def load_kernel(dry_run: bool) -> tuple[ModuleType, ModuleType | EmulatedBaseline]:
+    """(the compiled module the op and the tile sweep call, what provides ``baseline_scan``): the CUDA extension for
+    both, or in the dry run the host emulation and :class:`EmulatedBaseline`. Exits where it did not build."""
+    from gspn_diffusers.ops import extension
+
+    kind = "emulation" if dry_run else "cuda"
+    module = extension.load_emulation() if dry_run else extension.load_extension()
+    if module is None:
+        raise SystemExit(f"The GSPN {kind} extension is not available: {extension.load_error(kind)}")
+    return module, (EmulatedBaseline(module) if dry_run else module)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="C:HxW latent shapes")
@@ -371,6 +374,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tile-shapes", nargs="+", default=list(DEFAULT_TILE_SHAPES), help="C:HxW for --tiles")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every step on the CPU through the kernel's host emulation (give tiny --shapes); no GPU needed",
+    )
     args = parser.parse_args(argv)
     for text in args.shapes:
         channels = parse_shape(text)[0]
@@ -382,16 +390,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_cuda_scan.py needs a CUDA GPU (torch.cuda.is_available() is False on this machine).")
-
-    from gspn_diffusers.ops import cuda
-
-    ext = cuda.load_extension()
-    if ext is None:
-        raise SystemExit(f"The GSPN CUDA extension is not available: {cuda.load_error()}")
-    device = torch.cuda.get_device_name()
-    args.copy_gbps = copy_bandwidth_gbps()
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit(
+            "bench_cuda_scan.py needs a CUDA GPU (torch.cuda.is_available() is False on this machine); --dry-run "
+            "runs it on the CPU through the kernel's host emulation."
+        )
+    meter = meter_for(args.dry_run)
+    ext, baseline = load_kernel(args.dry_run)
+    device = meter.name
+    args.copy_gbps = copy_bandwidth_gbps(meter, COPY_BYTES_DRY_RUN if args.dry_run else COPY_BYTES)
     table = peak_bandwidth(device, args.peak_gbps)
     args.peak = table or args.copy_gbps
     meta = {
@@ -405,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
         "cuda": torch.version.cuda,
         "config": "fused 4 directions, shared u, per-channel merge, skip, normalize=True, global scan",
         "byte_model": BYTE_MODEL,
+        "kernel": ext.__name__,
+        "baseline": "the emulation's scan_forward (dry run)" if args.dry_run else "the extension's baseline_scan",
     }
     print(f"{device}: peak {args.peak:.0f} GB/s ({meta['peak_source']}), copy {args.copy_gbps:.0f} GB/s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -414,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         def write(rows: list[dict]) -> None:
             (args.out / "cuda_tiles.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
-        tile_sweep(ext, args.tiles, args.tile_shapes, dtype, args, write)
+        tile_sweep(meter, ext, args.tiles, args.tile_shapes, dtype, args, write)
         print(f"wrote {args.out / 'cuda_tiles.json'}")
         return
     rows: list[dict] = []
@@ -422,9 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     for text in args.shapes:
         channels, height, width = parse_shape(text)
         for divisor in args.gate_divisors:
-            row = run_shape(ext, channels, channels // divisor, height, width, dtype, args, state)
+            row = run_shape(meter, baseline, channels, channels // divisor, height, width, dtype, args, state)
             rows.append(row)
-            torch.cuda.empty_cache()  # this shape's inputs are gone: give their memory back before the next
+            meter.empty_cache()  # this shape's inputs are gone: give their memory back before the next
             print(
                 f"C={channels:5d} G={row['gate_channels']:5d} {height}x{width:<5d} "
                 f"fwd {row['kernel_forward_ms']:9.3f} ms ({row['kernel_forward_gbps']:6.0f} GB/s "

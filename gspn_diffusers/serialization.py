@@ -11,6 +11,7 @@ to replace an existing checkpoint unless asked, and writes every file under a te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -123,14 +124,18 @@ def save_gspn(
         training=training,
         metrics=metrics,
     )
-    with atomic_path(directory / WEIGHTS_NAME) as path:
-        save_file(tensors, path, metadata={"format": "pt", "gspn_diffusers": __version__})
-    with atomic_path(directory / CONFIG_NAME) as path:
-        path.write_text(json.dumps(document, indent=2) + "\n")
-    if write_card:
-        with atomic_path(directory / MODEL_CARD_NAME) as path:
-            path.write_text(card)
-    else:
+    # Every file is written in full under a temporary name before any replaces its old version, so an interruption
+    # (Ctrl-C, a full disk) while writing leaves the old checkpoint whole, never new weights beside an old config.
+    with contextlib.ExitStack() as files:
+        save_file(
+            tensors,
+            files.enter_context(atomic_path(directory / WEIGHTS_NAME)),
+            metadata={"format": "pt", "gspn_diffusers": __version__},
+        )
+        files.enter_context(atomic_path(directory / CONFIG_NAME)).write_text(json.dumps(document, indent=2) + "\n")
+        if write_card:
+            files.enter_context(atomic_path(directory / MODEL_CARD_NAME)).write_text(card)
+    if not write_card:
         logger.warning("Kept the existing %s in %s (not a GSPN model card).", MODEL_CARD_NAME, directory)
     if push_to_hub:
         url = push_checkpoint(directory, repo_id, private=private, token=token)

@@ -15,7 +15,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # the marker, not any keyword (a parameter id "gpu")
             item.add_marker(skip)
 
 
@@ -26,6 +26,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def reset_accelerate() -> None:
+    """Each trainer run builds its own Accelerator; its process-wide singletons must not leak into the next."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def emulation():
+    """The kernels' host emulation (built on first use), or a skip where the CUDA headers are missing."""
+    from gspn_diffusers.ops import cuda, extension
+
+    if cuda.find_cuda_home() is None:
+        pytest.skip("the emulation needs the CUDA headers (nvcc's toolkit), which this machine lacks")
+    module = extension.load_emulation()
+    assert module is not None, extension.load_error("emulation")
+    return module
 
 
 @pytest.fixture(params=["sd15", "sdxl"])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,38 @@ def test_tile_sweep_times_the_kernel_itself_at_each_tile():
         torch.testing.assert_close(bench.forward_at_tile(module, inputs, tile)(), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match="power of two"):
         bench.forward_at_tile(module, inputs, 3)()
+
+
+def test_cpu_meter_times_and_reads_resident_memory():
+    """The dry run's meter: wall-clock milliseconds, and a peak that a large allocation raises and a reset lowers."""
+    from gspn_diffusers.benchmarking import GIB, CpuMeter, call_seconds_and_memory, median_ms
+
+    meter = CpuMeter()
+    assert meter.name == "cpu (dry run)" and meter.device.type == "cpu"
+    assert 15.0 <= median_ms(meter, lambda: time.sleep(0.02), warmup=1, repeats=3) < 1000.0
+    size = 256 * 2**20
+
+    def allocate():
+        torch.ones(size, dtype=torch.uint8)  # touched pages: resident, then freed
+
+    seconds, peak_gib, before_gib = call_seconds_and_memory(meter, allocate, repeats=1)
+    assert seconds > 0 and peak_gib - before_gib >= 0.9 * size / GIB
+    meter.reset_peak()
+    assert meter.peak_bytes() < meter.allocated_bytes() + size // 2
+    assert meter.free_bytes() > 0
+
+
+def test_the_benchmarks_time_through_the_meter_only():
+    """No torch.cuda timing or memory call of their own: what the dry run executes is what the GPU run executes."""
+    for name in ("bench_cuda_scan", "bench_hires_unet"):
+        tree = ast.parse((ROOT / "benchmarks" / f"{name}.py").read_text())
+        calls = {
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "cuda"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "torch"
+        }
+        assert calls == {"is_available"}, (name, calls)  # only to refuse a GPU run without a GPU

@@ -12,19 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gspn_diffusers.ops import DIRECTIONS, cuda, extension, gspn_scan_fused_reference, gspn_scan_reference
+from gspn_diffusers.ops import DIRECTIONS, cuda, gspn_scan_fused_reference, gspn_scan_reference
 
 OPS = ("scan", "scan_backward", "scan_fused", "scan_fused_backward")
 B, H, W, C, G = 2, 3, 5, 8, 4  # H != W: a fake impl that swaps the perpendicular axis gets the wrong state shape
-
-
-@pytest.fixture(scope="module")
-def emulation():
-    if cuda.find_cuda_home() is None:
-        pytest.skip("the emulation needs the CUDA headers (nvcc's toolkit), which this machine lacks")
-    module = extension.load_emulation()
-    assert module is not None, extension.load_error("emulation")
-    return module
 
 
 def op_args(op: torch._ops.OpOverloadPacket, **values) -> tuple:

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import run_pipe
+from conftest import reset_accelerate, run_pipe
 from diffusers import DDPMScheduler
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
@@ -38,19 +37,11 @@ from gspn_diffusers.distill.train import main
 from gspn_diffusers.serialization import WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")  # conftest.py
 
 RESOLUTION = 64
 SIZES = [(96, 64), (64, 80), (72, 72), (128, 64), (64, 64), (80, 112)]  # (width, height): several aspect ratios
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; its process-wide singletons must not leak between tests."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def sample_images() -> list[tuple[Image.Image, str]]:
@@ -289,8 +280,7 @@ def test_resume_continues_exactly(tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     result = main(parse_args([*train_argv(resumed, "sd15", *flags, *schedule), "--resume_from_checkpoint", "latest"]))
     assert result.global_step == 4
     expected, actual = _state(full / "checkpoint-4"), _state(resumed / "checkpoint-4")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate
 from safetensors.torch import load_file
 from test_distill import _free_port, data_flags, train_argv, write_files
 
@@ -33,20 +33,9 @@ from gspn_diffusers.distill.train import check_args, main
 from gspn_diffusers.serialization import WEIGHTS_NAME
 from gspn_diffusers.tiny import tiny_pipeline
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")  # conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    _reset_accelerate()
 
 
 def _env() -> dict[str, str]:
@@ -202,7 +191,7 @@ def test_cache_latents_encodes_once_and_trains(tmp_path, caplog):
     torch.testing.assert_close(first["prompt_embeds"], text["prompt_embeds"][0])
     assert first["crop_top_left"].tolist() == sample["crop_top_left"].tolist()
 
-    _reset_accelerate()
+    reset_accelerate()
     with caplog.at_level(logging.INFO):
         again = main(parse_args([*argv, "--overwrite_output_dir", "--max_train_steps", "1"]))
     assert again.global_step == 1

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate
 from diffusers import DDPMScheduler
 from PIL import Image
 from test_distill import sample_images, train_argv, write_files, write_metadata, write_webdataset
@@ -41,20 +41,9 @@ from gspn_diffusers.errors import GSPNUserError
 from gspn_diffusers.serialization import CONFIG_NAME, WEIGHTS_NAME, save_gspn
 from gspn_diffusers.tiny import tiny_pipeline
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")  # conftest.py
 
 RUN_FLAGS = ("--use_ema", "--checkpointing_steps", "1", "--cache_latents")
-
-
-def _reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    _reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +57,7 @@ def finished_run(tmp_path_factory, one_thread) -> tuple[Path, Path]:
         result = main(parse_args(train_argv(root / "out", "sd15", "--train_data_dir", str(data), *RUN_FLAGS)))
     finally:
         os.umask(previous)
-        _reset_accelerate()
+        reset_accelerate()
     assert result.global_step == 4
     return data, root / "out"
 
@@ -213,7 +202,7 @@ def test_a_finished_run_resumed_with_its_target_does_nothing(finished_run, tmp_p
     assert "Nothing to train: checkpoint-4 is at step 4, the target is --max_train_steps 4" in caplog.text
     assert _snapshot(out) == before
     # A target below the finished one: nothing to train either (it would have trained past the target before).
-    _reset_accelerate()
+    reset_accelerate()
     assert main(parse_args(_argv(out, data, "--resume_from_checkpoint", "2", "--max_train_steps", "2"))).pipe is None
     assert _snapshot(out) == before
 

@@ -15,8 +15,6 @@ from scan_blocks import HORIZONTAL, banded_scan, jacobi_banded_scan, patch_paral
 from gspn_diffusers import convert
 from gspn_diffusers.ops import (
     DIRECTIONS,
-    cuda,
-    extension,
     gspn_scan,
     gspn_scan_fused,
     gspn_scan_fused_reference,
@@ -26,15 +24,6 @@ from gspn_diffusers.ops import (
 from gspn_diffusers.tiny import tiny_pipeline
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 4e-2}
-
-
-@pytest.fixture(scope="module")
-def emulation():
-    if cuda.find_cuda_home() is None:
-        pytest.skip("the emulation needs the CUDA headers (nvcc's toolkit), which this machine lacks")
-    module = extension.load_emulation()
-    assert module is not None, extension.load_error("emulation")
-    return module
 
 
 @pytest.fixture

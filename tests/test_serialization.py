@@ -233,3 +233,20 @@ def test_model_card_names_no_hub_base_model_for_a_local_folder(tmp_path, monkeyp
         assert f"`{base}`" in card  # still named in the text
     card = gspn_diffusers.save_gspn(pipe, tmp_path / "w", base_model="org/hub-model", overwrite=True) / "README.md"
     assert "base_model: org/hub-model" in card.read_text().split("---")[1]
+
+
+def test_an_interrupted_save_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    """Ctrl-C after the new weights are written but before the config is: nothing of the new save is in place."""
+    pipe = gspn_diffusers.convert(tiny_pipeline("sd15"))
+    gspn_diffusers.save_gspn(pipe, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        next(iter(gspn_diffusers.gspn_modules(pipe).values())).merge.add_(1.0)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gspn_diffusers.serialization.json.dumps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gspn_diffusers.save_gspn(pipe, tmp_path, overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporaries left either

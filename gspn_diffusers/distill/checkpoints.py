@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import struct
 import zipfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from ..errors import GSPNFileNotFoundError, GSPNUserError
+from ..safe_write import new_file_mode
 from ..serialization import CONFIG_NAME, WEIGHTS_NAME
 from .failures import writing
 from .state import EMA_SUBFOLDER, GSPN_SUBFOLDER
@@ -66,23 +66,10 @@ def uses_ema(checkpoint: Path) -> bool:
     return (checkpoint / EMA_SUBFOLDER).is_dir()
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux tells it (other threads may be creating files)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def share_like_umask(paths: list[Path]) -> None:
     """Give files the mode a user's new files get (0644 under umask 022): safetensors' ``save_file`` creates its
     files 0600, which makes weights and checkpoints in a shared folder unreadable to the rest of the group."""
-    mode = 0o666 & ~_umask()
+    mode = new_file_mode()
     for path in paths:
         if path.is_file() and path.stat().st_mode & 0o777 != mode:
             path.chmod(mode)

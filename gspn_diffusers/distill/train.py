@@ -45,10 +45,10 @@ from ..cli_args import config_flags_given, config_from_args
 from ..config import GSPNConfig
 from ..convert import get_unet
 from ..loading import native_size
-from ..serialization import CONFIG_NAME, WEIGHTS_NAME, save_gspn
+from ..serialization import CONFIG_NAME, save_gspn
 from .args import parse_args
 from .cache import training_data
-from .checkpoints import checkpoints, save_checkpoint, share_like_umask
+from .checkpoints import checkpoints, save_checkpoint
 from .checks import check_distributed, check_run
 from .conditioning import encode_text, prepare_inputs
 from .data import ImageCaptionDataset, UnreadableReport, check_readable, make_dataloader
@@ -373,8 +373,7 @@ def _train(
                 "steps": global_step,
             }
             with writing(output_dir, "the final GSPN weights"):
-                saved = save_gspn(student, output_dir, overwrite=True, base_model=args.model, training=training)
-                share_like_umask([saved / WEIGHTS_NAME, saved / CONFIG_NAME])
+                save_gspn(student, output_dir, overwrite=True, base_model=args.model, training=training)
                 mark_finished(output_dir, global_step)
             remove_replaced(output_dir)
             logger.info("Saved the distilled GSPN weights to %s (load with gspn_diffusers.load_gspn)", output_dir)
