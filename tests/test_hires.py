@@ -553,13 +553,15 @@ def test_stage_estimate_grows_with_the_latent_and_the_kernel_needs_less_than_the
     assert peak(64, 128) > 3 * peak(32, 64)  # linear in pixels plus a constant
     assert peak(64, 128, "kernel") < peak(64, 128, "reference")  # no fp32 copies of the gates
     assert peak(64, 128, mode="windows") < peak(64, 128)  # 16 windows of 16x16 at most
-    original = estimate_stage_peak(config, 64, 128, torch.float32, "kernel", "whole", gspn_config=None)
-    assert original != peak(64, 128)
+    # gspn_config=None traces the original attention: no scans, so the reference's fp32 gates are not in it (with the
+    # kernel's memory model the tiny UNet's GSPN layers stay below its peak, which the ResNets set)
+    original = estimate_stage_peak(config, 64, 128, torch.float32, "reference", "whole", gspn_config=None)
+    assert original < peak(64, 128, "reference")
 
 
 @pytest.mark.parametrize("max_memory,mode", [(2**40, "whole"), (2**16, "windows")])
 def test_stage_mode_follows_the_given_memory(caplog, max_memory, mode):
-    caplog.set_level(logging.INFO, logger="gspn_diffusers.pipelines.demofusion")
+    caplog.set_level(logging.INFO, logger="gspn_diffusers.pipelines")
     pipe = hires_pipe("sd15", gspn=True)
     shapes = []
     handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(a[0].shape)), with_kwargs=True)

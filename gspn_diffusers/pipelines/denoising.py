@@ -2,7 +2,8 @@
 
 A mixin for the high-resolution pipelines (:mod:`.demofusion`), kept apart from the stage planning and
 ``__call__``: it needs only ``self.unet``, ``self.scheduler``, ``self.vae_scale_factor``, ``self.window``,
-``self.progress_bar`` and the family's :meth:`StageDenoisingMixin._unet_kwargs`.
+``self.progress_bar``, ``self.controlnet`` when a stage has a control image, and the family's
+:meth:`StageDenoisingMixin._unet_kwargs`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils.torch_utils import randn_tensor
 
 from .chunking import chunk_feed_forward
+from .control import StageControl, controlnet_residuals, window_control
 from .stages import (
     cosine_factor,
     cosine_weight,
@@ -30,10 +32,15 @@ from .stages import (
 
 @dataclass
 class TextConditioning:
-    """Text conditioning of one CFG branch: token embeddings and, for SD-XL, the pooled embedding."""
+    """Conditioning of one CFG branch: token embeddings and, for SD-XL, the pooled embedding and the branch's
+    micro-conditioning (``None`` sizes: the final image's, DemoFusion's choice; a window adds its offset to
+    ``crops_coords_top_left``)."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -52,6 +59,8 @@ class StageSettings:
     forward_chunking: bool
     final_size: tuple[int, int]
     guidance_rescale: float = 0.0
+    cross_attention_kwargs: dict[str, Any] | None = None
+    control: StageControl | None = None
 
 
 class StageDenoisingMixin:
@@ -73,11 +82,14 @@ class StageDenoisingMixin:
         cond: TextConditioning,
         settings: StageSettings,
         crops: list[tuple[int, int]],
+        control: torch.Tensor | None = None,
+        control_scale: float = 0.0,
     ) -> torch.Tensor:
         """Classifier-free-guided noise prediction for ``latents`` holding ``len(crops) * batch`` samples (view-major).
 
         With ``split_cfg`` the unconditional and conditional halves run as two UNet calls, which
-        halves the activations at the same total work.
+        halves the activations at the same total work. ``control`` (the control pixels of the same views) feeds
+        the ControlNet's residuals into each call when ``control_scale`` is not 0.
         """
         height, width = latents.shape[-2:]
         if settings.forward_chunking:
@@ -85,7 +97,20 @@ class StageDenoisingMixin:
 
         def unet(conds: list[TextConditioning]) -> torch.Tensor:
             kwargs = self._unet_kwargs(conds, crops, settings.final_size)
-            return self.unet(latents.repeat(len(conds), 1, 1, 1), t, return_dict=False, **kwargs)[0]
+            sample = latents.repeat(len(conds), 1, 1, 1)
+            if control is not None and control_scale:
+                kwargs |= controlnet_residuals(
+                    self.controlnet,
+                    sample,
+                    t,
+                    kwargs,
+                    control.repeat(len(conds), 1, 1, 1),
+                    control_scale,
+                    settings.cross_attention_kwargs,
+                )
+            return self.unet(
+                sample, t, cross_attention_kwargs=settings.cross_attention_kwargs, return_dict=False, **kwargs
+            )[0]
 
         if uncond is None:
             return unet([cond])
@@ -98,10 +123,11 @@ class StageDenoisingMixin:
             noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=settings.guidance_rescale)
         return noise
 
-    def _local_noise(self, latents, t, uncond, cond, settings, generator) -> torch.Tensor:
+    def _local_noise(self, latents, t, uncond, cond, settings, generator, control_scale: float) -> torch.Tensor:
         """Local branch: the whole latent at once, or the average over overlapping native windows."""
+        control = settings.control.image if settings.control is not None else None
         if settings.local_denoising == "whole":
-            return self._guided_noise(latents, t, uncond, cond, settings, [(0, 0)])
+            return self._guided_noise(latents, t, uncond, cond, settings, [(0, 0)], control, control_scale)
         views = get_views(*latents.shape[-2:], self.window, settings.stride, jitter=True, generator=generator)
         value = torch.zeros_like(latents)
         count = torch.zeros_like(latents[:1, :1])
@@ -110,13 +136,15 @@ class StageDenoisingMixin:
             batch_views = views[i : i + settings.view_batch_size]
             crops = torch.cat([latents[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in batch_views])
             offsets = [(h0 * factor, w0 * factor) for h0, _, w0, _ in batch_views]
-            noise = self._guided_noise(crops, t, uncond, cond, settings, offsets).chunk(len(batch_views))
+            views_control = window_control(control, batch_views, factor) if control is not None else None
+            noise = self._guided_noise(crops, t, uncond, cond, settings, offsets, views_control, control_scale)
+            noise = noise.chunk(len(batch_views))
             for part, (h0, h1, w0, w1) in zip(noise, batch_views, strict=True):
                 value[:, :, h0:h1, w0:w1] += part
                 count[:, :, h0:h1, w0:w1] += 1
         return value / count
 
-    def _dilated_noise(self, latents, t, uncond, cond, settings, factor: float) -> torch.Tensor:
+    def _dilated_noise(self, latents, t, uncond, cond, settings, factor: float, control_scale: float) -> torch.Tensor:
         """Global branch: the UNet on the dilated sub-latents of a Gaussian-filtered copy of the latent."""
         height, width = latents.shape[-2:]
         d = dilation_factor(height, width, self.window)
@@ -128,23 +156,27 @@ class StageDenoisingMixin:
             blurred = match_statistics(blurred, padded)
         value = torch.empty_like(padded)
         phases = dilated_views(d)
+        control = settings.control.dilated if settings.control is not None else None
         for i in range(0, len(phases), settings.view_batch_size):
             batch_phases = phases[i : i + settings.view_batch_size]
             crops = torch.cat([blurred[:, :, h::d, w::d] for h, w in batch_phases])
-            noise = self._guided_noise(crops, t, uncond, cond, settings, [(0, 0)] * len(batch_phases))
+            views_control = control.repeat(len(batch_phases), 1, 1, 1) if control is not None else None
+            noise = self._guided_noise(
+                crops, t, uncond, cond, settings, [(0, 0)] * len(batch_phases), views_control, control_scale
+            )
             for part, (h, w) in zip(noise.chunk(len(batch_phases)), batch_phases, strict=True):
                 value[:, :, h::d, w::d] = part
         return value[:, :, pad_h:, pad_w:]
 
-    def _stage_noise(self, latents, t, uncond, cond, settings, generator) -> torch.Tensor:
+    def _stage_noise(self, latents, t, uncond, cond, settings, generator, control_scale: float = 0.0) -> torch.Tensor:
         """The merged prediction ``(1 - c2) * local + c2 * dilated`` for the (scaled) latent at ``t``."""
         factor = cosine_factor(t, self.scheduler.config.num_train_timesteps)
         c2 = cosine_weight(factor, settings.cosine_scale_2)
         noise = 0
         if c2 < 1:
-            noise = (1 - c2) * self._local_noise(latents, t, uncond, cond, settings, generator)
+            noise = (1 - c2) * self._local_noise(latents, t, uncond, cond, settings, generator, control_scale)
         if c2 > 0:
-            noise = noise + c2 * self._dilated_noise(latents, t, uncond, cond, settings, factor)
+            noise = noise + c2 * self._dilated_noise(latents, t, uncond, cond, settings, factor, control_scale)
         return noise
 
     # ------------------------------------------------------------------ one stage
@@ -178,7 +210,8 @@ class StageDenoisingMixin:
                 if c1 > 0:
                     latents = (1 - c1) * latents + c1 * self.scheduler.add_noise(clean, noise, t.reshape(1))
                 model_input = self.scheduler.scale_model_input(latents, t)
-                noise_pred = self._stage_noise(model_input, t, uncond, cond, settings, jitter_generator)
+                control_scale = settings.control.scale_at(i) if settings.control is not None else 0.0
+                noise_pred = self._stage_noise(model_input, t, uncond, cond, settings, jitter_generator, control_scale)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     outputs = callback_on_step_end(self, i, t, {"latents": latents})
