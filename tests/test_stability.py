@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention
 
-from gspn_diffusers import GSPNAttnProcessor
+from gspn_diffusers.attention import to_gspn_attention
+from gspn_diffusers.module import GSPNModule
 from gspn_diffusers.ops import gspn_scan_fused
 from gspn_diffusers.ops.reference import normalized_gates
 
@@ -35,14 +36,15 @@ def test_module_output_stays_bounded_at_8x_latent_size():
     torch.manual_seed(0)
     channels = 32
     attn = Attention(query_dim=channels, heads=4, dim_head=8)
-    module = GSPNAttnProcessor(channels, gate_rank=4)
+    module = GSPNModule(channels, gate_rank=4)
+    to_gspn_attention(attn, module)
     torch.nn.init.normal_(module.gate_up.weight, std=1.0)  # strongly varying gates, not the uniform init
     peaks = {}
     for size in ((16, 16), (128, 128)):
         module.latent_size = size
         hidden = torch.randn(2, size[0] * size[1], channels)
         with torch.no_grad():
-            out = module(attn, hidden)
+            out = attn(hidden)
         assert torch.isfinite(out).all()
         peaks[size] = out.abs().amax()
     ratio = peaks[(128, 128)] / peaks[(16, 16)]

@@ -124,11 +124,11 @@ class ParallelContext:
         runtime = self.runtime
 
         def make(original):
-            def local_noise(latents, t, uncond, cond, settings, generator):
+            def local_noise(latents, t, uncond, cond, settings, *args, **kwargs):
                 if settings.local_denoising != "windows":
-                    return original(latents, t, uncond, cond, settings, generator)
+                    return original(latents, t, uncond, cond, settings, *args, **kwargs)
                 with runtime.replicated():
-                    return original(latents, t, uncond, cond, settings, generator)
+                    return original(latents, t, uncond, cond, settings, *args, **kwargs)
 
             return local_noise
 
