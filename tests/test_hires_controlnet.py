@@ -125,3 +125,25 @@ def test_sdxl_controlnet_comes_along_from_a_controlnet_pipeline():
     # without the control image the call is refused: the ControlNet would be silently unused
     with pytest.raises(ValueError, match="give its control_image"):
         pipe(PROMPT, height=128, width=256, output_type="latent")
+
+
+def test_a_gspn_controlnet_keeps_the_whole_latent_in_auto_mode():
+    """A GSPN UNet with a GSPN ControlNet (GSPNControlNetModel.from_unet: the UNet's GSPN weights) stays linear in
+    tokens, so ``auto`` denoises each stage's whole latent, the ControlNet included, and the control image matters."""
+    import gspn_diffusers
+    from gspn_diffusers import GSPNControlNetModel
+
+    base = gspn_diffusers.convert(tiny_pipeline("sd15"))
+    controlnet = GSPNControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    reference = controlnet_for(tiny_pipeline("sd15").unet)  # the same perturbation of the zero convolutions
+    with torch.no_grad():
+        for name in ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding"):
+            getattr(controlnet, name).load_state_dict(getattr(reference, name).state_dict())
+    pipe = GSPNDemoFusionPipeline.from_pipe(base, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    calls, handle = record_control(pipe)
+    first = run(pipe, control_images(0), controlnet_conditioning_scale=2.0).images
+    handle.remove()
+    second = run(pipe, control_images(1), controlnet_conditioning_scale=2.0).images
+    assert (first - second).abs().max() > 1e-2
+    assert (2, 3, 128, 256) in {shape for stage, shape, _ in calls if stage == 1}  # the whole latent, not windows
