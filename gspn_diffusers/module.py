@@ -103,26 +103,39 @@ class GSPNModule(nn.Module):
         threshold = self.line_block_tokens
         return threshold is not None and num_tokens > threshold and not torch.is_grad_enabled()
 
+    def projections(
+        self, attn: nn.Module, hidden_states: torch.Tensor, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``v = to_v(x)``, ``lam = softplus(to_k(x))``, ``u = sigmoid(to_q(x))`` as (B, H, W, C), in one dtype.
+
+        Under autocast the projections return the autocast dtype but softplus/sigmoid may return fp32; the op gets one
+        dtype (the value's), or the kernel's same-dtype check would send the call to the reference.
+        """
+
+        def spatial(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(t.shape[0], height, width, t.shape[-1])
+
+        value = spatial(attn.to_v(hidden_states))
+        lam = F.softplus(spatial(attn.to_k(hidden_states))).to(value.dtype)
+        gate = torch.sigmoid(spatial(attn.to_q(hidden_states))).to(value.dtype)
+        return value, lam, gate
+
+    def gate_logits(self, hidden_states: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """The (B, H, W, 4 directions, 3, G) gate logits of the tokens."""
+        logits = self.gate_up(self.gate_down(hidden_states)).to(dtype)
+        return logits.reshape(hidden_states.shape[0], height, width, len(DIRECTIONS), NUM_GATES, self.gate_channels)
+
     def forward(self, attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         """GSPN's token mixing of ``hidden_states`` (B, H*W, C) with ``attn``'s projections, before ``to_out``."""
         batch, num_tokens, _ = hidden_states.shape
         height, width = self.latent_hw(num_tokens)
-
-        def spatial(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(batch, height, width, t.shape[-1])
-
-        # Under autocast the projections return the autocast dtype but softplus/sigmoid may return fp32; the op
-        # gets one dtype (the value's), or the kernel's same-dtype check would send the call to the reference.
-        value = spatial(attn.to_v(hidden_states))
-        dtype = value.dtype
-        lam = F.softplus(spatial(attn.to_k(hidden_states))).to(dtype)
-        gate = torch.sigmoid(spatial(attn.to_q(hidden_states))).to(dtype)
+        value, lam, gate = self.projections(attn, hidden_states, height, width)
         if self.uses_line_blocks(num_tokens):
             out = line_block_scan_fused(
                 value,
                 lam,
                 gate,
-                spatial(self.gate_down(hidden_states)),
+                self.gate_down(hidden_states).reshape(batch, height, width, -1),
                 self.gate_up.weight,
                 self.gate_up.bias,
                 self.merge,
@@ -132,8 +145,7 @@ class GSPNModule(nn.Module):
                 self.line_block_lines,
             )
         else:
-            gate_logits = self.gate_up(self.gate_down(hidden_states)).to(dtype)
-            gate_logits = gate_logits.reshape(batch, height, width, len(DIRECTIONS), NUM_GATES, self.gate_channels)
+            gate_logits = self.gate_logits(hidden_states, height, width, value.dtype)
             out = gspn_scan_fused(
                 value, lam, gate_logits, gate, self.merge, self.skip, self.chunk_size, normalize=self.normalize
             )

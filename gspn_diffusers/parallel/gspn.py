@@ -20,11 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..module import GSPNModule
-from ..ops import DIRECTIONS, NUM_GATES, gspn_scan
+from ..ops import DIRECTIONS, gspn_scan
 from .layers import gather_tokens
 from .runtime import Runtime
 
@@ -37,20 +36,10 @@ def gspn_module_of(attn: nn.Module) -> GSPNModule | None:
     return gspn if isinstance(gspn, GSPNModule) else None
 
 
-def projections(attn: nn.Module, gspn: nn.Module, tokens: torch.Tensor, height: int, width: int):
-    """v, lam, u and the (B, H, W, 4, 3, G) gate logits of the tokens, as the GSPN processor computes them."""
-    batch = tokens.shape[0]
-
-    def spatial(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(batch, height, width, t.shape[-1])
-
-    value = spatial(attn.to_v(tokens))
-    dtype = value.dtype
-    lam = F.softplus(spatial(attn.to_k(tokens))).to(dtype)
-    u = torch.sigmoid(spatial(attn.to_q(tokens))).to(dtype)
-    gates = gspn.gate_up(gspn.gate_down(tokens)).to(dtype)
-    gates = gates.reshape(batch, height, width, len(DIRECTIONS), NUM_GATES, gspn.gate_channels)
-    return value, lam, u, gates
+def projections(attn: nn.Module, gspn: GSPNModule, tokens: torch.Tensor, height: int, width: int):
+    """v, lam, u and the (B, H, W, 4, 3, G) gate logits of the tokens, as the GSPN module computes them."""
+    value, lam, u = gspn.projections(attn, tokens, height, width)
+    return value, lam, u, gspn.gate_logits(tokens, height, width, value.dtype)
 
 
 def scan_inputs(gspn: nn.Module, value: torch.Tensor, lam: torch.Tensor, gates: torch.Tensor):
