@@ -18,11 +18,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from ..config import GSPNConfig
-from ..errors import GSPNUserError
+from ..errors import GSPNUserError, probe_writable
 from ..loading import check_model_source
 from ..serialization import CONFIG_NAME, check_gspn
 from .checkpoints import uses_ema
-from .run_dir import RunPlan, check_inputs_outside, check_writable, plan_run
+from .run_dir import RunPlan, check_inputs_outside, plan_run
 from .state import GSPN_SUBFOLDER
 
 # The GSPN config fields a flag sets, by the flag's name in the trainer's spelling.
@@ -86,9 +86,9 @@ def check_run(args: argparse.Namespace, requested_config: Callable[[str], GSPNCo
     plan = plan_run(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if plan.resume is not None:
         check_resume_matches(args, plan.resume, requested_config)
-    check_writable(output_dir, "--output_dir")
+    probe_writable(output_dir, "--output_dir")
     if args.cache_latents and args.cache_dir is not None:
-        check_writable(Path(args.cache_dir), "--cache_dir")
+        probe_writable(Path(args.cache_dir), "--cache_dir")
     return plan
 
 

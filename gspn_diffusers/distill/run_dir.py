@@ -21,7 +21,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -101,20 +100,6 @@ def check_inputs_outside(output_dir: Path, inputs: dict[str, str | None]) -> Non
             f"--output_dir {str(output_dir)!r} {relation} {flag} {location!r}, an input of this run; the run writes "
             f"and replaces files in --output_dir. Pass an --output_dir outside {flag}."
         )
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    """Create ``folder`` and write and remove a probe file in it, so that a folder the run cannot write fails now,
-    not at the first checkpoint after hours of training."""
-    probe = folder / f".write-probe-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise GSPNUserError(
-            f"{flag} {str(folder)!r} cannot be written ({error.strerror or error}); pass a folder you can write to."
-        ) from None
 
 
 @dataclass(frozen=True)
