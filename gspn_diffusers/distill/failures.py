@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import os
 import shlex
@@ -21,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import GSPNUserError
+from ..errors import GSPNUserError, is_disk_full, is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 INTERRUPTED_STATUS = 130  # what a shell reports for a process ended by SIGINT
 
 
@@ -37,8 +35,8 @@ def writing(folder: Path, what: str, cleanup: Path | None = None) -> Iterator[No
     """
     try:
         yield
-    except OSError as error:
-        if error.errno not in DISK_FULL:
+    except Exception as error:  # OSError, or a library's wrapper of one (safetensors' SafetensorError)
+        if not is_disk_full(error):
             raise
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
@@ -51,13 +49,6 @@ def writing(folder: Path, what: str, cleanup: Path | None = None) -> Iterator[No
         ) from error
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, MemoryError | torch.OutOfMemoryError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 @contextlib.contextmanager
 def out_of_memory_hint(args: argparse.Namespace, resolution: Sequence[int | None]) -> Iterator[None]:
     """Out of memory (CUDA or host) becomes one line that names the flags that lower the memory.
@@ -67,7 +58,7 @@ def out_of_memory_hint(args: argparse.Namespace, resolution: Sequence[int | None
     try:
         yield
     except (MemoryError, RuntimeError) as error:
-        if not _is_out_of_memory(error):
+        if not is_out_of_memory(error):
             raise
         where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "host"
         lower = [f"--resolution (now {resolution[0]})", f"--train_batch_size (now {args.train_batch_size} per device)"]
