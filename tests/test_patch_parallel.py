@@ -127,6 +127,20 @@ STALE_CASES = [
     for attn in ("gspn", "attn")
     for mode in ("stale", "naive")
 ]
+HIRES_STALE_CASES = [  # every stage of the high-resolution pipeline after warm-up: whole latent and dilated branch
+    dict(
+        name=f"sdxl_gspn_hires_{mode}",
+        kind="sdxl",
+        gspn=True,
+        hires=True,
+        mode=mode,
+        height=128,
+        width=256,
+        steps=8,
+        warmup=2,
+    )
+    for mode in ("stale", "naive")
+]
 FAILURE_CASES = [
     dict(name="too_small", kind="sd15", mode="sync", height=32, width=64, steps=2),  # 4 rows = 2 groups
     dict(name="cfg_odd_world", kind="sd15", mode="sync", height=64, width=64, steps=2, split_cfg=True),
@@ -140,7 +154,7 @@ CFG_BAND_CASES = [  # 4 processes: two CFG groups of two bands each
 @pytest.fixture(scope="module")
 def references(one_thread):
     refs, pipes = {}, {}
-    for case in SYNC_CASES + STALE_CASES + CFG_CASES + CFG_BAND_CASES:
+    for case in SYNC_CASES + STALE_CASES + HIRES_STALE_CASES + CFG_CASES + CFG_BAND_CASES:
         key = (case["kind"], case.get("gspn", False), case.get("hires", False))
         pipes.setdefault(key, build_pipe(*key))
         refs[case["name"]] = run_case(pipes[key], case)
@@ -149,7 +163,7 @@ def references(one_thread):
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return _spawn(2, SYNC_CASES + STALE_CASES + CFG_CASES, tmp_path_factory.mktemp("two"))
+    return _spawn(2, SYNC_CASES + STALE_CASES + HIRES_STALE_CASES + CFG_CASES, tmp_path_factory.mktemp("two"))
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +197,19 @@ def test_stale_is_far_closer_than_naive(request, references, world, attn):
     assert stale < naive / 3
     calls = results[0][f"sd15_{attn}_stale"]["calls"]
     assert [c["exact"] for c in calls[:2]] == [True, True] and not any(c["exact"] for c in calls[2:])
+
+
+def test_stale_high_res_is_far_closer_than_naive(two, references):
+    """Stale exchange on every stage of the high-resolution pipeline: each stage's schedule starts with its own
+    exact warm-up, the stale calls follow, and the result stays far closer to one process than naive bands."""
+    stale = _error(two, references, "sdxl_gspn_hires_stale").mean().item()
+    naive = _error(two, references, "sdxl_gspn_hires_naive").mean().item()
+    print(f"high-res GSPN N=2: mean abs latent error stale {stale:.4g}, naive {naive:.4g}, ratio {naive / stale:.1f}")
+    assert stale < naive / 3
+    exact = [c["exact"] for c in two[0]["sdxl_gspn_hires_stale"]["calls"]]
+    assert exact.count(False) > 0 and exact[:2] == [True, True]
+    stage_starts = [i for i in range(1, len(exact)) if exact[i] and not exact[i - 1]]
+    assert stage_starts, f"the second stage did not start with its own warm-up: {exact}"
 
 
 @pytest.mark.parametrize("attn", ["gspn", "attn"])
