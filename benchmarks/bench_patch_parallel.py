@@ -137,6 +137,9 @@ def sdxl_table() -> list[dict]:
             row["ratio"] = row["attention_bytes"] / row["gspn_bytes"]
             row["ratio_distrifusion_kv"] = row["distrifusion_kv_bytes"] / row["gspn_bytes"]
             row["ratio_attn1_layers_kv"] = 2 * row["attention_attn1_bytes"] / row["gspn_attn1_bytes"]
+            row["ratio_attn1_layers_kv_value_lines"] = (
+                2 * row["attention_attn1_bytes"] / row["gspn_attn1_value_lines_bytes"]
+            )
             row["estimated_nccl_ms"] = {
                 name: {"gspn": row["gspn_bytes"] / gbps / 1e6, "attention": row["attention_bytes"] / gbps / 1e6}
                 for name, gbps in NVLINK_GBPS.items()

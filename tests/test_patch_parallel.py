@@ -23,7 +23,7 @@ from gspn_diffusers.ops import DIRECTIONS, gspn_scan
 from gspn_diffusers.parallel import ParallelConfigError, downsampling_factor, plan_bands
 from gspn_diffusers.parallel.gspn import band_scans, edge_packs, vertical_state_needed
 from gspn_diffusers.parallel.layers import band_group_stats, combine_stats
-from gspn_diffusers.parallel.traffic import call_bytes, layer_inventory
+from gspn_diffusers.parallel.traffic import call_bytes, layer_inventory, traffic_table
 
 SYNC_TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +79,18 @@ def test_gspn_band_scans_with_true_boundary_lines_equal_the_whole_scan(chunk, bo
         )
         for d, (got, want) in enumerate(zip(band, whole, strict=True)):
             torch.testing.assert_close(got, want[:, start:end], msg=f"{DIRECTIONS[d]} band {start}:{end}")
+
+
+def test_traffic_table_floor_is_the_value_lines():
+    """The exact-exchange floor is the value scan's lines alone: half of what a normalising GSPN layer sends, and the
+    ratio to DistriFusion's K/V gather grows with the latent height (band edges stay one line, bands grow)."""
+    unet = build_pipe("sd15", True, False).unet
+    small, tall = (traffic_table(unet, h, 64, [2, 4], batch=2, element_size=2) for h in (64, 256))
+    for row in small + tall:
+        assert row["gspn_attn1_bytes"] == 2 * row["gspn_attn1_value_lines_bytes"] > 0
+        assert row["attention_attn1_bytes"] > row["gspn_attn1_bytes"]
+    ratio = [row["attention_attn1_bytes"] / row["gspn_attn1_value_lines_bytes"] for row in small + tall]
+    assert ratio[2] > 3 * ratio[0] and ratio[3] > 3 * ratio[1]
 
 
 # ---------------------------------------------------------------------- multi-process

@@ -9,6 +9,7 @@ layer inventory is traced once on the ``meta`` device at a small latent, so it s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -139,14 +140,19 @@ def traffic_table(
 ) -> list[dict[str, Any]]:
     """Per-process bytes of a stale call (the band that sends most), GSPN (``unet`` converted) vs softmax attention,
     per N: totals, the ``attn1`` layers alone, and DistriFusion's own attention traffic (it gathers K and V, 2C
-    per token, where this implementation gathers the layer input, C)."""
+    per token, where this implementation gathers the layer input, C).
+
+    ``gspn_attn1_value_lines_bytes`` is the floor of any exact boundary exchange: the value scan's lines alone (two
+    hidden rows and the vertical state per band edge, C each), as if the normaliser needed nothing."""
     layers = layer_inventory(unet)
+    value_lines = [dataclasses.replace(layer, normalize=False) for layer in layers]
     rows = []
     for n in world_sizes:
         plan = plan_bands(height, width, n, downsampling_factor(unet.config))
         common = dict(batch=batch, element_size=element_size, out_channels=unet.config.out_channels, exact=False)
         gspn = [call_bytes_by_kind(layers, plan, k, gspn=True, **common) for k in range(n)]
         attn = [call_bytes_by_kind(layers, plan, k, gspn=False, **common) for k in range(n)]
+        floor = [call_bytes_by_kind(value_lines, plan, k, gspn=True, **common) for k in range(n)]
         top = max(range(n), key=lambda k: sum(attn[k].values()))
         rows.append(
             {
@@ -157,6 +163,7 @@ def traffic_table(
                 "attention_bytes": sum(attn[top].values()),
                 "distrifusion_kv_bytes": sum(attn[top].values()) + attn[top]["attn1"],
                 "gspn_attn1_bytes": max(g["attn1"] for g in gspn),
+                "gspn_attn1_value_lines_bytes": max(f["attn1"] for f in floor),
                 "attention_attn1_bytes": attn[top]["attn1"],
                 "conv_halo_bytes": max(a["conv"] for a in attn),
             }
