@@ -3,12 +3,14 @@ change of its formula (a dropped term, a swapped operand, an off-by-one in the s
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
 import gspn_diffusers
+from gspn_diffusers.convert import gspn_config_of
 from gspn_diffusers.pipelines import GSPNDemoFusionPipeline
 from gspn_diffusers.pipelines.budget import SAFETY_MARGIN, memory_budget
 from gspn_diffusers.pipelines.denoising import StageSettings, TextConditioning
@@ -194,3 +196,24 @@ def test_the_stage_plan_is_estimated_for_the_batch_each_unet_call_holds(monkeypa
         output_type="latent",
     )
     assert seen and set(seen) == {(16, 32, expected)}
+
+
+def test_estimating_a_converted_unet_rebuilds_its_plain_architecture_quietly():
+    """The estimate traces a meta copy of the UNet from its config; a GSPN UNet's config also names its GSPN config,
+    which Diffusers would report to the user as an unexpected attribute on every ``generate``."""
+    from gspn_diffusers.pipelines.tracing import meta_unet
+
+    pipe = tiny_pipeline("sd15")
+    gspn_diffusers.convert(pipe)
+    config = gspn_config_of(pipe.unet)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers.configuration_utils")
+    diffusers_logger.addHandler(handler)
+    try:
+        unet = meta_unet(dict(pipe.unet.config), config, torch.float32)
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "not expected" in r.getMessage()]
+    assert gspn_diffusers.is_converted(unet) and unet.device.type == "meta"

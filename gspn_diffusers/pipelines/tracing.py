@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..config import GSPNConfig
 from ..convert import convert
+from ..models import GSPN_CONFIG_KEY
 from ..ops import backend as ops_backend
 from .chunking import _block_level, _level_size, chunk_feed_forward
 
@@ -236,7 +237,9 @@ def meta_unet(unet_config: dict[str, Any], gspn_config: GSPNConfig | None, dtype
     """A UNet of this architecture on the ``meta`` device, converted with ``gspn_config`` (``None``: original)."""
     with torch.device("meta"):
         # nn.Module.to: ModelMixin.to warns about fp32 modules on every cast, here for nothing.
-        unet = torch.nn.Module.to(UNet2DConditionModel.from_config(unet_config), dtype)
+        # The plain architecture (a GSPN UNet's config also names its GSPN config, which is gspn_config here).
+        plain = {key: value for key, value in unet_config.items() if key != GSPN_CONFIG_KEY}
+        unet = torch.nn.Module.to(UNet2DConditionModel.from_config(plain), dtype)
     if gspn_config is not None:
         convert(unet, gspn_config)
     return unet
