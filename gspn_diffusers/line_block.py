@@ -77,11 +77,18 @@ def add_direction(
     out: torch.Tensor, h: torch.Tensor, u: torch.Tensor, merge: torch.Tensor, normalize: bool, eps: float = EPS
 ) -> None:
     """``out += merge * u * h / max(z, eps)`` (no division without ``normalize``) of one direction's scan ``h`` of
-    :func:`scan_planes` (values and normalisers interleaved)."""
-    h = h.to(out.dtype)
+    :func:`scan_planes` (values and normalisers interleaved).
+
+    In fresh temporaries of the accumulator's dtype, at most two (while dividing) of (..., C): at a large latent
+    they set the peak. ``h`` is never written: a scan's output may share its storage with its carried state.
+    """
     if normalize:
-        h = h[..., 0::2] / h[..., 1::2].clamp_min(eps)
-    out.add_(merge.to(out.dtype) * u * h)
+        z = h[..., 1::2].to(out.dtype, copy=True).clamp_min_(eps)
+        y = h[..., 0::2].to(out.dtype, copy=True).div_(z)
+        del z
+    else:
+        y = h.to(out.dtype, copy=True)
+    out.add_(y.mul_(u).mul_(merge.to(out.dtype)))
 
 
 def line_block_scan_fused(
