@@ -107,3 +107,17 @@ def test_each_scan_gets_one_directions_gates_as_they_are(monkeypatch):
     with torch.no_grad():
         stale_band(attn, gspn, tokens[:, : 4 * WIDTH], WIDTH, Band((0, 4), HEIGHT), (False, False))
     assert seen == [(2 * CHANNELS, (3, 2))] * len(DIRECTIONS)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_band_layer_memory_per_token_channel_on_meta(exact):
+    """One SD-XL-wide (C = G = 640, bf16) band layer traced on ``meta`` with the kernel's memory: below 30 bytes per
+    token and channel of the tokens it reads (band: ~29; whole image in the warm-up: ~27). Before, with the four
+    directions' gates at once (24 bytes), doubled for the normaliser, and the four scans kept for the merge: 122
+    and 104."""
+    from gspn_diffusers.pipelines.tracing import gspn_band_layer_peak
+
+    height, width, rows, channels = 64, 128, (16, 48), 640
+    peak = gspn_band_layer_peak(channels, 16, height, width, rows, exact=exact)
+    tokens = 2 * width * (height if exact else rows[1] - rows[0])
+    assert peak < 30 * tokens * channels
