@@ -144,8 +144,8 @@ def _merge_direction(
     merged: tuple[int, int],
     line_rows: tuple[int, int],
 ) -> torch.Tensor:
-    """Direction ``d``'s scan, with its own gates only (freed when the scan returns), added to ``out``; its lines
-    at ``line_rows`` are returned and the rest of its scan is freed on return."""
+    """Direction ``d``'s scan with its own gates only (freed once it has run, before the merge), added to ``out``;
+    returns its lines at ``line_rows``, and the rest of the scan is freed on return."""
     gates = direction_gate_logits(gate_hidden, gspn.gate_up.weight, gspn.gate_up.bias, d, x.dtype)
     h = band_scan(x, lam, gates, DIRECTIONS[d], gspn.chunk_size, band)
     del gates  # before the merge's temporaries
