@@ -8,7 +8,8 @@ naive exchange.
 Bytes are counted by the communication layer (``gspn_diffusers.parallel.comm``) in real gloo runs of a mid-size
 UNet with SD-XL's layout (1/10 of its widths, 2 transformer layers per block) and compared with the layer-shape
 model (``gspn_diffusers.parallel.traffic``) on the same UNet, which must agree exactly; the model then gives SD-XL
-itself (bf16, CFG batch 2) at 1024x1024, 4096x4096 and 16384x8192 for N = 2, 4, 8. Writes
+itself (bf16, CFG batch 2) at 1024x1024, 4096x4096 and 16384x8192 for N = 2, 4, 8, and the peak memory of one
+SD-XL GSPN band layer call at 16384x8192 (traced on ``meta``). Writes
 ``patch_parallel.json``, ``patch_parallel_bytes.png`` and ``patch_parallel_row_error.png``.
 """
 
@@ -148,6 +149,33 @@ def sdxl_table() -> list[dict]:
     return rows
 
 
+SDXL_GSPN_LEVELS = {1: (640, 16), 2: (1280, None)}  # UNet level -> (channels, sdxl preset's chunk size)
+
+
+def sdxl_band_layer_memory(size: tuple[int, int] = SDXL_SIZES[-1]) -> list[dict]:
+    """Peak GiB of one SD-XL GSPN ``attn1`` call on band 1 (bf16, CFG batch 2, the kernel's memory, traced on
+    ``meta``): a stale call and a warm-up call, per N and per GSPN level, at the latent ``size``."""
+    from gspn_diffusers.parallel import plan_bands
+    from gspn_diffusers.pipelines.tracing import gspn_band_layer_peak
+
+    rows = []
+    for n in (2, 4, 8):
+        plan = plan_bands(*size, n, 4)
+        for level, (channels, chunk) in SDXL_GSPN_LEVELS.items():
+            geometry = (channels, chunk, plan.level_height(level), plan.level_width(level), plan.rows(1, level))
+            rows.append(
+                {
+                    "image": f"{size[1] * 8}x{size[0] * 8}",
+                    "world_size": n,
+                    "channels": channels,
+                    "band_rows": list(plan.rows(1, level)),
+                    "stale_peak_gib": gspn_band_layer_peak(*geometry) / 2**30,
+                    "warmup_peak_gib": gspn_band_layer_peak(*geometry, exact=True) / 2**30,
+                }
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -217,9 +245,11 @@ def main() -> None:
         "measured_n2": measured,
         "seconds_per_call_n1_gspn_sync": single_seconds,
         "sdxl_model": sdxl_table(),
+        "sdxl_gspn_band_layer_memory": sdxl_band_layer_memory(),
         "band_edges": list(plan_bands(*size, 2, downsampling_factor(MID_UNET)).bounds[1:-1]),
         "notes": "bytes: per process per UNet call (CFG batch 2), as counted by gspn_diffusers.parallel.comm; "
-        "SD-XL rows are the traffic model (bf16); estimated_nccl_ms = bytes / link bandwidth, an estimate.",
+        "SD-XL rows are the traffic model (bf16); estimated_nccl_ms = bytes / link bandwidth, an estimate; "
+        "sdxl_gspn_band_layer_memory: one GSPN attn1 call's peak on band 1, traced on meta (kernel memory model).",
     }
     (out / "patch_parallel.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result["sdxl_model"], indent=1))

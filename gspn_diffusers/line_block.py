@@ -18,6 +18,7 @@ from .ops import DIRECTIONS, NUM_GATES, gspn_scan
 
 _HORIZONTAL = ("left_to_right", "right_to_left")
 _REVERSED = ("right_to_left", "bottom_to_top")
+EPS = 1e-6  # the fused op's normaliser floor
 
 
 def block_starts(length: int, block_lines: int, chunk_size: int | None, direction: str) -> list[tuple[int, int]]:
@@ -32,6 +33,64 @@ def block_starts(length: int, block_lines: int, chunk_size: int | None, directio
     return blocks[::-1] if direction in _REVERSED else blocks
 
 
+def direction_gate_logits(
+    gate_hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    direction_index: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The (..., 3, G) gate logits of one direction from the gate down-projection ``gate_hidden`` (..., R).
+
+    Only the direction's 3 * G rows of the up-projection (rows in the order (direction, gate, channel) of the
+    processor's gate logits) are applied, so the other directions' gates are never made.
+    """
+    rows = gate_weight.shape[0] // len(DIRECTIONS)
+    start = direction_index * rows
+    bias = gate_bias.narrow(0, start, rows) if gate_bias is not None else None
+    logits = F.linear(gate_hidden, gate_weight.narrow(0, start, rows), bias).to(dtype)
+    return logits.unflatten(-1, (NUM_GATES, rows // NUM_GATES))
+
+
+def scan_planes(value: torch.Tensor, lam: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and lam of the single-direction scans, with the gates of :func:`direction_gate_logits` as they are.
+
+    Normalising, the normaliser z (the scan of lam alone, x = 1) rides along in the same scan: value and ones are
+    interleaved channel by channel, ``x = [v_0, 1, v_1, 1, ...]`` and ``lam = [lam_0, lam_0, lam_1, lam_1, ...]``.
+    A gate serves C / G consecutive channels (G | C), so in the 2C interleaved channels it serves 2C / G consecutive
+    ones: the same values and their normalisers, with no doubled copy of the gates.
+    """
+    if not normalize:
+        return value, lam
+    return torch.stack([value, torch.ones_like(value)], dim=-1).flatten(-2), lam.repeat_interleave(2, dim=-1)
+
+
+def merge_buffer(value: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    """The merge's accumulator, starting at ``skip * v``: fp32 (fp64 for fp64 inputs), like the fused op."""
+    out = torch.zeros(
+        value.shape, dtype=torch.float64 if value.dtype == torch.float64 else torch.float32, device=value.device
+    )
+    return out.addcmul_(value, skip) if skip is not None else out
+
+
+def add_direction(
+    out: torch.Tensor, h: torch.Tensor, u: torch.Tensor, merge: torch.Tensor, normalize: bool, eps: float = EPS
+) -> None:
+    """``out += merge * u * h / max(z, eps)`` (no division without ``normalize``) of one direction's scan ``h`` of
+    :func:`scan_planes` (values and normalisers interleaved).
+
+    In fresh temporaries of the accumulator's dtype, at most two (while dividing) of (..., C): at a large latent
+    they set the peak. ``h`` is never written: a scan's output may share its storage with its carried state.
+    """
+    if normalize:
+        z = h[..., 1::2].to(out.dtype, copy=True).clamp_min_(eps)
+        y = h[..., 0::2].to(out.dtype, copy=True).div_(z)
+        del z
+    else:
+        y = h.to(out.dtype, copy=True)
+    out.add_(y.mul_(u).mul_(merge.to(out.dtype)))
+
+
 def line_block_scan_fused(
     value: torch.Tensor,
     lam: torch.Tensor,
@@ -44,7 +103,7 @@ def line_block_scan_fused(
     chunk_size: int | None,
     normalize: bool,
     block_lines: int,
-    eps: float = 1e-6,
+    eps: float = EPS,
 ) -> torch.Tensor:
     """:func:`~gspn_diffusers.ops.gspn_scan_fused` with the gates made block by block from the down-projection.
 
@@ -60,15 +119,7 @@ def line_block_scan_fused(
     """
     if block_lines < 1:
         raise ValueError(f"block_lines must be a positive number of lines; got {block_lines}.")
-    channels = value.shape[-1]
-    num_dirs = len(DIRECTIONS)
-    rows = gate_weight.shape[0] // num_dirs
-    weights = gate_weight.view(num_dirs, rows, -1)
-    biases = gate_bias.view(num_dirs, rows) if gate_bias is not None else [None] * num_dirs
-    acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-    out = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
-    if skip is not None:
-        out.addcmul_(value, skip)
+    out = merge_buffer(value, skip)
     for d, direction in enumerate(DIRECTIONS):
         axis = 2 if direction in _HORIZONTAL else 1
         state = None
@@ -77,18 +128,10 @@ def line_block_scan_fused(
             def block(t: torch.Tensor, axis=axis, start=start, end=end) -> torch.Tensor:
                 return t.narrow(axis, start, end - start)
 
-            gates = F.linear(block(gate_hidden), weights[d], biases[d]).to(value.dtype)
-            gates = gates.unflatten(-1, (NUM_GATES, rows // NUM_GATES))
-            x, lam_block = block(value), block(lam)
-            if normalize:  # scan [v, 1] in one call: the second half is the normaliser z, the scan of lam alone
-                x = torch.cat([x, torch.ones_like(x)], dim=-1)
-                lam_block = torch.cat([lam_block, lam_block], dim=-1)
-                gates = torch.cat([gates, gates], dim=-1)
+            gates = direction_gate_logits(block(gate_hidden), gate_weight, gate_bias, d, value.dtype)
+            x, lam_block = scan_planes(block(value), block(lam), normalize)
             h, state = gspn_scan(
                 x, lam_block, gates, direction, chunk_size, initial_state=state, return_final_state=True
             )
-            h = h.to(acc_dtype)
-            if normalize:
-                h = h[..., :channels] / h[..., channels:].clamp_min(eps)
-            block(out).add_(merge[d].to(acc_dtype) * block(u) * h)
+            add_direction(block(out), h, block(u), merge[d], normalize, eps)
     return out.to(value.dtype)

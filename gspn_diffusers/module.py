@@ -120,10 +120,15 @@ class GSPNModule(nn.Module):
         gate = torch.sigmoid(spatial(attn.to_q(hidden_states))).to(value.dtype)
         return value, lam, gate
 
+    def gate_hidden(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The (B, H, W, C / gate_rank) gate down-projection of the tokens: all the gate logits need, at a fraction of
+        their size (line-block inference and patch-parallel bands up-project one direction at a time from it)."""
+        return self.gate_down(hidden_states).reshape(hidden_states.shape[0], height, width, -1)
+
     def gate_logits(self, hidden_states: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """The (B, H, W, 4 directions, 3, G) gate logits of the tokens."""
-        logits = self.gate_up(self.gate_down(hidden_states)).to(dtype)
-        return logits.reshape(hidden_states.shape[0], height, width, len(DIRECTIONS), NUM_GATES, self.gate_channels)
+        logits = self.gate_up(self.gate_hidden(hidden_states, height, width)).to(dtype)
+        return logits.unflatten(-1, (len(DIRECTIONS), NUM_GATES, self.gate_channels))
 
     def forward(self, attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         """GSPN's token mixing of ``hidden_states`` (B, H*W, C) with ``attn``'s projections, before ``to_out``."""
@@ -135,7 +140,7 @@ class GSPNModule(nn.Module):
                 value,
                 lam,
                 gate,
-                self.gate_down(hidden_states).reshape(batch, height, width, -1),
+                self.gate_hidden(hidden_states, height, width),
                 self.gate_up.weight,
                 self.gate_up.bias,
                 self.merge,

@@ -21,7 +21,7 @@ from patch_parallel_cases import build_pipe, run_case, worker
 
 from gspn_diffusers.ops import DIRECTIONS, gspn_scan
 from gspn_diffusers.parallel import ParallelConfigError, downsampling_factor, plan_bands
-from gspn_diffusers.parallel.gspn import band_scans, edge_packs, vertical_state_needed
+from gspn_diffusers.parallel.gspn import Band, band_scan, edge_pack, vertical_state_needed
 from gspn_diffusers.parallel.layers import band_group_stats, combine_stats
 from gspn_diffusers.parallel.traffic import call_bytes, layer_inventory, traffic_table
 
@@ -65,20 +65,13 @@ def test_gspn_band_scans_with_true_boundary_lines_equal_the_whole_scan(chunk, bo
     whole = [gspn_scan(x, lam, gt, d, chunk) for gt, d in zip(gates, DIRECTIONS, strict=True)]
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         needed = (start > 0 and vertical_state_needed(start, chunk), end < h and vertical_state_needed(end, chunk))
-        above, below = edge_packs(whole, needed, max(start - 1, 0), min(end, h - 1))
-        band = band_scans(
-            x[:, start:end],
-            lam[:, start:end],
-            [gt[:, start:end] for gt in gates],
-            chunk,
-            (start, end),
-            h,
-            above if start > 0 else None,
-            below if end < h else None,
-            needed,
-        )
-        for d, (got, want) in enumerate(zip(band, whole, strict=True)):
-            torch.testing.assert_close(got, want[:, start:end], msg=f"{DIRECTIONS[d]} band {start}:{end}")
+        lines = [s[:, [max(start - 1, 0), min(end, h - 1)]] for s in whole]
+        above = edge_pack(lines, 0, "top_to_bottom" if needed[0] else None)
+        below = edge_pack(lines, 1, "bottom_to_top" if needed[1] else None)
+        band = Band((start, end), h, above if start > 0 else None, below if end < h else None)
+        for gt, d, want in zip(gates, DIRECTIONS, whole, strict=True):
+            got = band_scan(x[:, start:end], lam[:, start:end], gt[:, start:end], d, chunk, band)
+            torch.testing.assert_close(got, want[:, start:end], msg=f"{d} band {start}:{end}")
 
 
 def test_traffic_table_floor_is_the_value_lines():

@@ -157,10 +157,11 @@ def test_line_block_inference_in_fp32(monkeypatch):
         processor.line_block_tokens, processor.line_block_lines = 100, 4
         blocks = attn(tokens)
     torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-5)
-    # 4 directions x 3 blocks of <= 4 lines, each with the gates of its own lines and direction only ([v, 1]: 2G).
+    # 4 directions x 3 blocks of <= 4 lines, each with the gates of its own lines and direction only (G = C = 8:
+    # value and normaliser channels interleaved share them, no doubled copy).
     assert len(seen) == 12
     for _, h, w, *gates in seen:
-        assert gates == [3, 16] and ((h == 12 and w <= 4) or (h <= 4 and w == 10))
+        assert gates == [3, 8] and ((h == 12 and w <= 4) or (h <= 4 and w == 10))
 
 
 def test_line_block_inference_only_without_grad_and_above_the_threshold(monkeypatch):

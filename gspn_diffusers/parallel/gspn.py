@@ -2,70 +2,45 @@
 
 A band runs the four single-direction scans of :func:`gspn_diffusers.ops.gspn_scan` on its own rows and merges them
 as :func:`~gspn_diffusers.ops.gspn_scan_fused_reference` does (``sum_d merge[d] * u * h_d / z_d + skip * v``; the
-normaliser ``z_d``, the scan of lam alone, rides along as C more channels with the same gates). What lies outside:
+normaliser ``z_d``, the scan of lam alone, rides along interleaved with the values, see
+:func:`~gspn_diffusers.line_block.scan_planes`). What lies outside:
 
 - the horizontal scans' 3-way neighbours above the first row and below the last one: the neighbour bands' hidden
-  rows, given as ``edge_rows`` (one row of W x 2C per edge and direction);
+  rows, given as ``edge_rows`` (one row of W x 2C per edge and direction, values and normalisers interleaved);
 - the vertical scans' predecessor of the first line: the band above's final line for top-to-bottom, the band
   below's for bottom-to-top, given as ``initial_state``; a local scan (``chunk_size``) whose group boundary falls
   on the band edge needs none.
 
+Memory: the directions run one after the other, each with only its own gates, up-projected from the gate
+down-projection (the gates of all four, (B, H, W, 4, 3, G), never exist), each merged into one accumulator and freed
+before the next. A direction's gates exist for the whole band: the horizontal scans take ``edge_rows``, which the
+operator does not combine with the carried state that cutting them into blocks of columns would need, so blocks of
+rows for the vertical scans alone would not lower the peak.
+
 Exact calls gather the band inputs and compute the whole layer (``sync``: through the processor; stale mode's
-warm-up: through the single-direction scans, which also give every band edge's boundary lines for the first stale
-step). Stale calls use the boundary lines the neighbours sent during the previous step.
+warm-up: through the same single-direction scans on the whole image, which also give every band edge's boundary
+lines for the first stale step). Stale calls use the boundary lines the neighbours sent during the previous step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..line_block import add_direction, direction_gate_logits, merge_buffer, scan_planes
 from ..module import GSPNModule
 from ..ops import DIRECTIONS, gspn_scan
 from .layers import gather_tokens
 from .runtime import Runtime
-
-_EPS = 1e-6  # the fused reference's normaliser floor
 
 
 def gspn_module_of(attn: nn.Module) -> GSPNModule | None:
     """The GSPN parameters of a converted ``attn1`` (the one place that knows where they live)."""
     gspn = getattr(attn, "gspn", None)
     return gspn if isinstance(gspn, GSPNModule) else None
-
-
-def projections(attn: nn.Module, gspn: GSPNModule, tokens: torch.Tensor, height: int, width: int):
-    """v, lam, u and the (B, H, W, 4, 3, G) gate logits of the tokens, as the GSPN module computes them."""
-    value, lam, u = gspn.projections(attn, tokens, height, width)
-    return value, lam, u, gspn.gate_logits(tokens, height, width, value.dtype)
-
-
-def scan_inputs(gspn: nn.Module, value: torch.Tensor, lam: torch.Tensor, gates: torch.Tensor):
-    """x, lam and per-direction gates of the scans: [v, 1] with doubled gates when normalising."""
-    if not gspn.normalize:
-        return value, lam, [gates[..., d, :, :] for d in range(len(DIRECTIONS))]
-    x = torch.cat([value, torch.ones_like(value)], dim=-1)
-    return x, torch.cat([lam, lam], dim=-1), [torch.cat([g, g], dim=-1) for g in gates.unbind(3)]
-
-
-def merge_output(attn, gspn, value, u, scans: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """The merged directions, skip, ``to_out`` and the Attention's residual/rescale, as the processor does."""
-    channels = value.shape[-1]
-    acc = torch.float64 if value.dtype == torch.float64 else torch.float32
-    out = torch.zeros(value.shape, dtype=acc, device=value.device)
-    for d, h in enumerate(scans):
-        h = h.to(acc)
-        h = h[..., :channels] / h[..., channels:].clamp_min(_EPS) if gspn.normalize else h
-        out = out + gspn.merge[d].to(acc) * u.to(acc) * h
-    if gspn.skip is not None:
-        out = out + gspn.skip.to(acc) * value.to(acc)
-    out = out.to(value.dtype).reshape(tokens.shape[0], -1, channels)
-    out = attn.to_out[1](attn.to_out[0](out))
-    if attn.residual_connection:
-        out = out + tokens
-    return out / attn.rescale_output_factor
 
 
 def vertical_state_needed(edge_row: int, chunk_size: int | None) -> bool:
@@ -98,33 +73,132 @@ def vertical_band_scan(x, lam, gates, direction, chunk_size, rows, height, state
     return torch.cat(pieces, dim=1)
 
 
-def band_scans(x, lam, dir_gates, chunk_size, rows, height, above, below, needed):
-    """The four scans (image coordinates, DIRECTIONS order) of the band rows ``[a, b)`` of a ``height``-row image.
+@dataclass(frozen=True)
+class Band:
+    """The band rows ``[a, b)`` of a ``height``-row image and the boundary lines its scans take from outside.
 
-    ``above`` / ``below``: (B, 2 or 3, W, C) boundary lines of the neighbour band (left-to-right and right-to-left
-    hidden rows just outside the band, then the vertical scan's state where ``needed``), or None at an image edge.
+    ``above`` / ``below``: (B, 2 or 3, W, C') boundary lines of the neighbour band (the left-to-right and
+    right-to-left hidden rows just outside the band, then, where a state crosses the edge, the vertical scan's
+    state), or None at an image edge; C' is the scans' channels (2C interleaved when normalising).
     """
 
-    def row(pack, i):
-        return None if pack is None else pack[:, i].to(x.dtype)
-
-    g_ltr, g_rtl, g_ttb, g_btt = dir_gates
-    ltr = gspn_scan(x, lam, g_ltr, "left_to_right", chunk_size, edge_rows=(row(above, 0), row(below, 0)))
-    rtl = gspn_scan(x, lam, g_rtl, "right_to_left", chunk_size, edge_rows=(row(above, 1), row(below, 1)))
-    ttb_state = row(above, 2) if needed[0] else None
-    btt_state = row(below, 2) if needed[1] else None
-    ttb = vertical_band_scan(x, lam, g_ttb, "top_to_bottom", chunk_size, rows, height, ttb_state)
-    btt = vertical_band_scan(x, lam, g_btt, "bottom_to_top", chunk_size, rows, height, btt_state)
-    return [ltr, rtl, ttb, btt]
+    rows: tuple[int, int]
+    height: int
+    above: torch.Tensor | None = None
+    below: torch.Tensor | None = None
 
 
-def edge_packs(scans, rows_needed: tuple[bool, bool], first: int, last: int):
-    """Boundary lines of the four whole-image scans at rows ``first`` (the row above a band) and ``last`` (the row
-    below it), in the layout :func:`band_scans` takes."""
-    ltr, rtl, ttb, btt = scans
-    above = [ltr[:, first], rtl[:, first]] + ([ttb[:, first]] if rows_needed[0] else [])
-    below = [ltr[:, last], rtl[:, last]] + ([btt[:, last]] if rows_needed[1] else [])
-    return torch.stack(above, dim=1), torch.stack(below, dim=1)
+def _line(pack: torch.Tensor | None, index: int, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if pack is None or pack.shape[1] <= index else pack[:, index].to(dtype)
+
+
+def band_scan(
+    x: torch.Tensor, lam: torch.Tensor, gates: torch.Tensor, direction: str, chunk_size: int | None, band: Band
+) -> torch.Tensor:
+    """One direction's scan (image coordinates) of the band's rows, continued from its boundary lines."""
+    if direction in ("left_to_right", "right_to_left"):
+        index = DIRECTIONS.index(direction)  # the packs' first two lines, in DIRECTIONS order
+        edges = (_line(band.above, index, x.dtype), _line(band.below, index, x.dtype))
+        return gspn_scan(x, lam, gates, direction, chunk_size, edge_rows=edges)
+    state = _line(band.above if direction == "top_to_bottom" else band.below, 2, x.dtype)
+    return vertical_band_scan(x, lam, gates, direction, chunk_size, band.rows, band.height, state)
+
+
+def band_mixing(
+    attn: nn.Module,
+    gspn: GSPNModule,
+    tokens: torch.Tensor,
+    width: int,
+    band: Band,
+    merged: tuple[int, int],
+    line_rows: tuple[int, int],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """GSPN's token mixing of the band's ``tokens`` (before ``to_out``), one direction's gates at a time.
+
+    Returns the mixing of the band-local rows ``merged`` (B, rows, W, C) and, per direction, its hidden lines at
+    the band-local rows ``line_rows`` (B, 2, W, C'), from which :func:`edge_pack` builds the boundary lines.
+    """
+    a, b = band.rows
+    value, lam, u = gspn.projections(attn, tokens, b - a, width)
+    gate_hidden = gspn.gate_hidden(tokens, b - a, width)
+    start, end = merged
+    out = merge_buffer(value[:, start:end], gspn.skip)
+    x, lam = scan_planes(value, lam, gspn.normalize)
+    del value  # x holds the values (a copy when normalising)
+    lines = [
+        _merge_direction(gspn, d, x, lam, u[:, start:end], gate_hidden, band, out, merged, line_rows)
+        for d in range(len(DIRECTIONS))
+    ]
+    return out.to(x.dtype), lines
+
+
+def _merge_direction(
+    gspn: GSPNModule,
+    d: int,
+    x: torch.Tensor,
+    lam: torch.Tensor,
+    u: torch.Tensor,
+    gate_hidden: torch.Tensor,
+    band: Band,
+    out: torch.Tensor,
+    merged: tuple[int, int],
+    line_rows: tuple[int, int],
+) -> torch.Tensor:
+    """Direction ``d``'s scan with its own gates only (freed once it has run, before the merge), added to ``out``;
+    returns its lines at ``line_rows``, and the rest of the scan is freed on return."""
+    gates = direction_gate_logits(gate_hidden, gspn.gate_up.weight, gspn.gate_up.bias, d, x.dtype)
+    h = band_scan(x, lam, gates, DIRECTIONS[d], gspn.chunk_size, band)
+    del gates  # before the merge's temporaries
+    add_direction(out, h[:, merged[0] : merged[1]], u, gspn.merge[d], gspn.normalize)
+    return h[:, list(line_rows)]
+
+
+def edge_pack(lines: list[torch.Tensor], index: int, vertical: str | None) -> torch.Tensor:
+    """The boundary lines of one band edge from each direction's two lines of :func:`band_mixing`: the horizontal
+    scans' line ``index`` and, where a state crosses the edge (``vertical`` not None), that vertical scan's."""
+    picked = lines[:2] + ([lines[DIRECTIONS.index(vertical)]] if vertical is not None else [])
+    return torch.stack([line[:, index] for line in picked], dim=1)
+
+
+def stale_band(
+    attn: nn.Module, gspn: GSPNModule, tokens: torch.Tensor, width: int, band: Band, needed: tuple[bool, bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A stale call's band: its mixing (B, b - a, W, C) from its own rows and the neighbours' boundary lines, and the
+    boundary lines it sends (its first lines for the band above, its last for the band below; ``needed``: whether
+    a vertical state crosses the top / bottom edge)."""
+    a, b = band.rows
+    out, lines = band_mixing(attn, gspn, tokens, width, band, (0, b - a), (0, b - a - 1))
+    to_above = edge_pack(lines, 0, "bottom_to_top" if needed[0] else None)
+    to_below = edge_pack(lines, 1, "top_to_bottom" if needed[1] else None)
+    return out, to_above, to_below
+
+
+def exact_band(
+    attn: nn.Module,
+    gspn: GSPNModule,
+    tokens: torch.Tensor,
+    width: int,
+    rows: tuple[int, int],
+    height: int,
+    needed: tuple[bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A warm-up call's band from the whole image's ``tokens``: its mixing (B, b - a, W, C) and the boundary lines it
+    receives in the first stale step (the whole scans' rows just above and below it)."""
+    a, b = rows
+    whole = Band((0, height), height)
+    out, lines = band_mixing(attn, gspn, tokens, width, whole, rows, (max(a - 1, 0), min(b, height - 1)))
+    above = edge_pack(lines, 0, "top_to_bottom" if needed[0] else None)
+    below = edge_pack(lines, 1, "bottom_to_top" if needed[1] else None)
+    return out, above, below
+
+
+def attention_output(attn: nn.Module, mixing: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``to_out`` and the Attention's residual/rescale of the (B, H, W, C) mixing, as the processor does."""
+    out = mixing.reshape(tokens.shape[0], -1, mixing.shape[-1])
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + tokens
+    return out / attn.rescale_output_factor
 
 
 def patch_gspn(runtime: Runtime, attn: nn.Module, layer_id: int) -> Callable[[Callable], Callable]:
@@ -150,23 +224,14 @@ def patch_gspn(runtime: Runtime, attn: nn.Module, layer_id: int) -> Callable[[Ca
                     finally:
                         gspn.latent_size = band_size
                     return out[:, a * width : b * width]
-                value, lam, u, gates = projections(attn, gspn, full, height, width)
-                x, lam2, dir_gates = scan_inputs(gspn, value, lam, gates)
-                scans = [gspn_scan(x, lam2, g, d, gspn.chunk_size) for g, d in zip(dir_gates, DIRECTIONS, strict=True)]
-                above, below = edge_packs(scans, needed, max(a - 1, 0), min(b, height - 1))
+                mixing, above, below = exact_band(attn, gspn, full, width, (a, b), height, needed)
                 runtime.slot(layer_id)["value"] = (above if a > 0 else None, below if b < height else None)
-                band = [s[:, a:b] for s in scans]
-                return merge_output(attn, gspn, value[:, a:b], u[:, a:b], band, hidden_states)
+                return attention_output(attn, mixing, hidden_states)
             # stale: this band's rows only, with the neighbours' boundary lines of the previous step
             slot = runtime.slot(layer_id)
             above, below = runtime.stale_value(slot)
-            value, lam, u, gates = projections(attn, gspn, hidden_states, b - a, width)
-            x, lam2, dir_gates = scan_inputs(gspn, value, lam, gates)
-            scans = band_scans(x, lam2, dir_gates, gspn.chunk_size, (a, b), height, above, below, needed)
-            ltr, rtl, ttb, btt = scans
-            # what the neighbours need next step: this band's first lines for the band above, last for below
-            to_above = torch.stack([ltr[:, 0], rtl[:, 0]] + ([btt[:, 0]] if needed[0] else []), dim=1)
-            to_below = torch.stack([ltr[:, -1], rtl[:, -1]] + ([ttb[:, -1]] if needed[1] else []), dim=1)
+            band = Band((a, b), height, above, below)
+            mixing, to_above, to_below = stale_band(attn, gspn, hidden_states, width, band, needed)
             slot["pending"] = comm.exchange_neighbours(
                 to_above if a > 0 else None,
                 to_below if b < height else None,
@@ -174,7 +239,7 @@ def patch_gspn(runtime: Runtime, attn: nn.Module, layer_id: int) -> Callable[[Ca
                 torch.empty_like(below) if below is not None else None,
                 tag=layer_id,
             )
-            return merge_output(attn, gspn, value, u, scans, hidden_states)
+            return attention_output(attn, mixing, hidden_states)
 
         return forward
 

@@ -120,8 +120,11 @@ def _fused_sdpa() -> Iterator[None]:
         F.scaled_dot_product_attention = original
 
 
-def _kernel_scan(x, lam, gate_logits, direction, chunk_size=None, initial_state=None, return_final_state=False):
-    """The CUDA kernel's memory: it writes h (and the final line) in x's dtype, with no fp32 copy of the gates."""
+def _kernel_scan(
+    x, lam, gate_logits, direction, chunk_size=None, initial_state=None, return_final_state=False, edge_rows=None
+):
+    """The CUDA kernel's memory: it writes h (and the final line) in x's dtype, with no fp32 copy of the gates (a
+    band's ``edge_rows`` are read, not copied)."""
     h = torch.empty_like(x)
     if not return_final_state:
         return h
@@ -243,3 +246,55 @@ def meta_unet(unet_config: dict[str, Any], gspn_config: GSPNConfig | None, dtype
     if gspn_config is not None:
         convert(unet, gspn_config)
     return unet
+
+
+def gspn_band_layer_peak(
+    channels: int,
+    chunk_size: int | None,
+    height: int,
+    width: int,
+    rows: tuple[int, int],
+    batch: int = 2,
+    dtype: torch.dtype = torch.bfloat16,
+    backend: str = "kernel",
+    exact: bool = False,
+) -> int:
+    """Peak bytes of one patch-parallel GSPN ``attn1`` call (``to_out`` included) for the band rows ``[a, b)`` of a
+    ``height x width`` latent at the layer's level: a stale call from the band's tokens and the neighbours' boundary
+    lines, or (``exact``) a warm-up call from the whole image's gathered tokens. Its inputs are not counted.
+
+    A ``meta`` Attention with a default :class:`~gspn_diffusers.module.GSPNModule` (one gate channel per channel).
+    """
+    from diffusers.models.attention_processor import Attention
+
+    from ..module import GSPNModule
+    from ..parallel.gspn import Band, attention_output, exact_band, stale_band, vertical_state_needed
+
+    with torch.device("meta"):
+        attn = Attention(query_dim=channels, heads=1, dim_head=channels).to(dtype)
+        gspn = GSPNModule(channels, chunk_size=chunk_size).to(dtype)
+    a, b = rows
+    needed = (a > 0 and vertical_state_needed(a, chunk_size), b < height and vertical_state_needed(b, chunk_size))
+    lines = 2 * channels if gspn.normalize else channels  # values and normalisers interleaved
+
+    if exact:
+
+        def warmup(full: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            mixing, above, below = exact_band(attn, gspn, full, width, rows, height, needed)
+            return attention_output(attn, mixing, full[:, a * width : b * width]), above, below
+
+        tokens = torch.empty(batch, height * width, channels, device="meta", dtype=dtype)
+        return peak_activation_bytes(attn, warmup, tokens, backend=backend)
+
+    def received(exists: bool, state: bool) -> torch.Tensor | None:
+        return torch.empty(batch, 2 + state, width, lines, device="meta", dtype=dtype) if exists else None
+
+    band = Band(rows, height, received(a > 0, needed[0]), received(b < height, needed[1]))
+
+    def stale(own: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mixing, to_above, to_below = stale_band(attn, gspn, own, width, band, needed)
+        return attention_output(attn, mixing, own), to_above, to_below
+
+    tokens = torch.empty(batch, (b - a) * width, channels, device="meta", dtype=dtype)
+    edges = [t for t in (band.above, band.below) if t is not None]  # inputs, like the tokens: not counted
+    return peak_activation_bytes(attn, stale, tokens, *edges, backend=backend)
