@@ -111,6 +111,8 @@ def run_case(pipe, case: dict) -> torch.Tensor:
     )
     if case.get("hires"):
         kwargs.update(local_denoising=case.get("local", "whole"), skip_ratio=0.4)
+    if case.get("images"):
+        kwargs.update(num_images_per_prompt=case["images"])
     if case.get("controlnet"):
         images = [control_image(case["height"], case["width"])] * (2 if case["controlnet"] == "multi" else 1)
         scale = case.get("control_scale", 1.0)

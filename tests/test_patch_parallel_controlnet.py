@@ -38,8 +38,12 @@ STALE_CASES = [
     for attn in ("gspn", "attn")
     for mode in ("stale", "naive")
 ]
-# the UNet alone is parallelized: the pipeline's ControlNet hands it whole-image residuals
-FAILURE_CASES = [_case("whole_residuals", height=64, steps=2, unet_only=True)]
+FAILURE_CASES = [
+    # the UNet alone is parallelized: the pipeline's ControlNet hands it whole-image residuals
+    _case("whole_residuals", height=64, steps=2, unet_only=True),
+    # guess mode, CFG split, two images: the ControlNet's halved conditional batch, zero-padded, fits no half
+    _case("guess_cfg_two_images", steps=2, split_cfg=True, guess_mode=True, images=2),
+]
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +125,5 @@ def test_whole_image_residuals_are_refused_on_every_process(two):
         assert rank_results["whole_residuals"]["type"] == "ParallelConfigError"
         assert "down_block_additional_residuals[0] is 8x8" in error and "has 4 rows" in error
         assert "the pipeline's own controlnet" in error
+        guess = rank_results["guess_cfg_two_images"]
+        assert guess["type"] == "ParallelConfigError" and "run without split_cfg" in guess["error"]

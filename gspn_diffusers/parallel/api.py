@@ -36,7 +36,8 @@ class ParallelContext:
     """The installed patch parallelism of one pipeline; a context manager that restores the pipeline on exit.
 
     Attributes:
-        runtime: the per-call state; ``runtime.calls`` lists a :class:`~.runtime.CallStats` per UNet call.
+        runtime: the per-call state; ``runtime.calls`` lists a :class:`~.runtime.CallStats` per UNet or ControlNet
+            call.
         rank, world_size: this process in the world.
     """
 

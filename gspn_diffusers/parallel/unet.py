@@ -8,7 +8,6 @@ into its own bands, and the two halves swap their results with their partner pro
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -18,8 +17,6 @@ from .bands import plan_bands
 from .controlnet import check_band_residuals, check_residual_batches, residuals_of
 from .errors import ParallelConfigError
 from .forward import BandForward, timestep_value
-
-logger = logging.getLogger(__name__)
 
 _UNSUPPORTED = ("down_intrablock_additional_residuals",)  # T2I-Adapter
 
