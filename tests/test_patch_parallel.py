@@ -8,16 +8,13 @@ scans with the true boundary lines) are tested in this process.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from patch_parallel_cases import build_pipe, run_case, worker
+from patch_parallel_cases import build_pipe, pipe_key, run_case, spawn
 
 from gspn_diffusers.ops import DIRECTIONS, gspn_scan
 from gspn_diffusers.parallel import ParallelConfigError, downsampling_factor, plan_bands
@@ -87,26 +84,6 @@ def test_traffic_table_floor_is_the_value_lines():
 
 
 # ---------------------------------------------------------------------- multi-process
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, cases: list[dict], tmp_path, expect_failure: bool = False) -> list[dict]:
-    out = str(tmp_path)
-    start = time.perf_counter()
-    try:
-        mp.start_processes(worker, args=(world, _free_port(), cases, out), nprocs=world, start_method="spawn")
-    except mp.ProcessRaisedException:
-        if not expect_failure:
-            raise
-    elapsed = time.perf_counter() - start
-    results = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
-    results[0]["_elapsed"] = elapsed
-    return results
-
-
 SYNC_CASES = [
     dict(name="sd15_attn_odd", kind="sd15", mode="sync", height=104, width=64, steps=3),
     dict(name="sdxl_attn", kind="sdxl", mode="sync", height=96, width=64, steps=3),
@@ -160,7 +137,7 @@ CFG_BAND_CASES = [  # 4 processes: two CFG groups of two bands each
 def references(one_thread):
     refs, pipes = {}, {}
     for case in SYNC_CASES + STALE_CASES + HIRES_STALE_CASES + CFG_CASES + CFG_BAND_CASES:
-        key = (case["kind"], case.get("gspn", False), case.get("hires", False))
+        key = pipe_key(case)
         pipes.setdefault(key, build_pipe(*key))
         refs[case["name"]] = run_case(pipes[key], case)
     return refs
@@ -168,12 +145,12 @@ def references(one_thread):
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return _spawn(2, SYNC_CASES + STALE_CASES + HIRES_STALE_CASES + CFG_CASES, tmp_path_factory.mktemp("two"))
+    return spawn(2, SYNC_CASES + STALE_CASES + HIRES_STALE_CASES + CFG_CASES, tmp_path_factory.mktemp("two"))
 
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    return _spawn(3, SYNC_CASES + STALE_CASES + FAILURE_CASES, tmp_path_factory.mktemp("three"))
+    return spawn(3, SYNC_CASES + STALE_CASES + FAILURE_CASES, tmp_path_factory.mktemp("three"))
 
 
 def _error(results, references, name):
@@ -237,7 +214,7 @@ def test_cfg_split_equals_single_process(two, references):
 
 
 def test_cfg_split_with_bands_equals_single_process(references, tmp_path):
-    results = _spawn(4, CFG_BAND_CASES, tmp_path)
+    results = spawn(4, CFG_BAND_CASES, tmp_path)
     err = _error(results, references, "sdxl_cfg_bands").max().item()
     assert err < SYNC_TOL
     for rank_results in results:
@@ -253,7 +230,7 @@ def test_failures_stop_every_process_with_one_message(three):
 def test_a_failing_process_stops_the_others(tmp_path):
     """Process 1 fails inside the UNet and stays alive (lingers): process 0 stops at once with its message."""
     case = dict(name="fail", kind="sd15", mode="stale", warmup=1, height=64, width=64, steps=3, fail_rank=1, linger=20)
-    results = _spawn(2, [case], tmp_path, expect_failure=True)
+    results = spawn(2, [case], tmp_path, expect_failure=True)
     assert "injected failure" in results[1]["fail"]["error"]
     assert results[0]["fail"]["type"] == "PeerFailedError"
     assert "process 1: RuntimeError: injected failure in conv_in" in results[0]["fail"]["error"]

@@ -2,7 +2,8 @@
 
 ``parallelize(pipe)`` (api), the communication layer with byte counting and failure propagation (comm), the band
 split (bands), the per-call runtime and stale state (runtime), the layer patches (layers: conv, GroupNorm, softmax
-attention; gspn: GSPN boundary lines) and the UNet wrapper (unet). Nothing else in the package imports this one.
+attention; gspn: GSPN boundary lines), the UNet and ControlNet wrappers (unet, controlnet; forward: what they
+share). Nothing else in the package imports this one.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
-"""``parallelize(pipe)``: run an existing Diffusers pipeline's UNet patch-parallel over the processes of
-``torch.distributed`` (DistriFusion's displaced patch parallelism, with GSPN layers exchanging boundary lines).
+"""``parallelize(pipe)``: run an existing Diffusers pipeline's UNet (and ControlNet) patch-parallel over the
+processes of ``torch.distributed`` (DistriFusion's displaced patch parallelism, with GSPN layers exchanging
+boundary lines).
 
-Nothing of the pipeline is forked: the UNet's ``forward`` and the forwards of the layers that look beyond a band
-(convolutions, GroupNorm, ``attn1``) are replaced on their instances, and restored exactly on exit.
+Nothing of the pipeline is forked: the ``forward`` of the UNet and of the ControlNet and the forwards of the layers
+that look beyond a band (convolutions, GroupNorm, ``attn1``) are replaced on their instances, and restored exactly
+on exit.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -18,6 +21,7 @@ from torch import nn
 from ..convert import get_unet
 from .bands import downsampling_factor
 from .comm import Comm, aborted
+from .controlnet import BandControlNetForward, pipeline_controlnets
 from .errors import ParallelConfigError
 from .gspn import gspn_module_of, patch_gspn
 from .layers import conv_halo, patch_attention, patch_conv, patch_group_norm
@@ -32,7 +36,8 @@ class ParallelContext:
     """The installed patch parallelism of one pipeline; a context manager that restores the pipeline on exit.
 
     Attributes:
-        runtime: the per-call state; ``runtime.calls`` lists a :class:`~.runtime.CallStats` per UNet call.
+        runtime: the per-call state; ``runtime.calls`` lists a :class:`~.runtime.CallStats` per UNet or ControlNet
+            call.
         rank, world_size: this process in the world.
     """
 
@@ -91,9 +96,25 @@ class ParallelContext:
         return self.runtime.calls
 
     def _install(self, cfg_world: Comm | None, half: int) -> None:
-        runtime, unet, patches = self.runtime, self.unet, self._patches
-        factor = downsampling_factor(unet.config)
-        patches.forward(unet, lambda original: BandUNetForward(original, runtime, factor, cfg_world, half))
+        """The band forwards of the UNet and of the pipeline's ControlNets, and their layers' patches (layer ids
+        numbered on across the models, so no two layers share kept state or message tags)."""
+        runtime, patches = self.runtime, self._patches
+        factor = downsampling_factor(self.unet.config)
+        controlnets = pipeline_controlnets(self.pipe, factor)
+        patches.forward(self.unet, lambda original: BandUNetForward(original, runtime, factor, cfg_world, half))
+        next_id = self._patch_layers(self.unet, 0)
+        for name, controlnet in controlnets:
+
+            def band_controlnet(original: Callable, name: str = name) -> BandControlNetForward:
+                return BandControlNetForward(original, runtime, factor, cfg_world, half, name=name)
+
+            patches.forward(controlnet, band_controlnet)
+            next_id = self._patch_layers(controlnet, next_id)
+        self._patch_windows()
+
+    def _patch_layers(self, model: nn.Module, first_id: int) -> int:
+        """Patch ``model``'s layers that look beyond a band, with ids from ``first_id``; returns the next free id."""
+        runtime, patches = self.runtime, self._patches
 
         def record_level(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if runtime.active:
@@ -101,7 +122,8 @@ class ParallelContext:
                 runtime.level = runtime.plan.level_of(runtime.comm.rank, *hidden.shape[-2:])
 
         exchange = runtime.mode != "naive" and runtime.comm.size > 1
-        for layer_id, (name, module) in enumerate(unet.named_modules()):
+        layer_id = first_id
+        for layer_id, (name, module) in enumerate(model.named_modules(), start=first_id):
             if isinstance(module, Transformer2DModel):
                 patches.hook(module.register_forward_pre_hook(record_level, with_kwargs=True))
             if not exchange:
@@ -113,7 +135,7 @@ class ParallelContext:
             elif isinstance(module, Attention) and name.endswith("attn1") and not module.is_cross_attention:
                 patch = patch_gspn if gspn_module_of(module) is not None else patch_attention
                 patches.forward(module, patch(runtime, module, layer_id))
-        self._patch_windows()
+        return layer_id + 1
 
     def _patch_windows(self) -> None:
         """DemoFusion's native-size windows are not split: every process runs them whole."""
@@ -158,7 +180,9 @@ def parallelize(pipe: Any, mode: str = "stale", warmup_steps: int = 4, split_cfg
     same latent and process 0 (``ctx.is_main_process``) decodes and saves.
 
     Args:
-        pipe: a Diffusers SD-1.5/SD-XL pipeline or a ``GSPNDemoFusion(SDXL)Pipeline`` (GSPN-converted or not).
+        pipe: a Diffusers SD-1.5/SD-XL pipeline or a ``GSPNDemoFusion(SDXL)Pipeline`` (GSPN-converted or not). Its
+            ``controlnet`` (a ``ControlNetModel`` or ``GSPNControlNetModel``, or a ``MultiControlNetModel`` of them),
+            if any, runs on the same bands and hands the UNet band-local residuals.
         mode: ``"stale"`` (DistriFusion: after warm-up, exchanges carry the neighbours' values of the previous
             step, sent during compute), ``"sync"`` (every step exact), ``"naive"`` (no exchange: bands as separate
             images, the baseline).

@@ -4,9 +4,10 @@ neighbours' values kept from the previous denoising step.
 Every process runs the same denoising loop, so the UNet calls line up across processes. A call is named by its
 input shape and its rank among the calls of that shape in the current step (a step ends when the timestep
 changes; a timestep that grows starts a new schedule, for instance a high-resolution stage, and warm-up again).
-The first ``warmup_steps`` steps, every ``sync`` step and every call without a previous-step twin are exact and
-synchronous; the others (``stale``) use what the neighbours sent during the twin call of the previous step and
-send this step's values asynchronously for the next one.
+Each model keeps its own names (a ControlNet, called before the UNet in every step, does not shift the UNet's names
+when a pipeline skips it in some steps). The first ``warmup_steps`` steps, every ``sync`` step and every call
+without a previous-step twin are exact and synchronous; the others (``stale``) use what the neighbours sent
+during the twin call of the previous step and send this step's values asynchronously for the next one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ MODES = ("stale", "sync", "naive")
 
 @dataclass
 class CallStats:
-    """What one UNet call cost this process: bytes it sent, seconds it waited on communication, wall seconds."""
+    """What one model call cost this process: bytes it sent, seconds it waited on communication, wall seconds.
+    ``model``: ``"unet"``, or the ControlNet's name (``"controlnet"``, ``"controlnet.<k>"`` in a multi-ControlNet)."""
 
     shape: tuple[int, ...]
     step: int
@@ -36,6 +38,7 @@ class CallStats:
     bytes_sent: int
     wait_seconds: float
     seconds: float
+    model: str = "unet"
 
 
 class Runtime:
@@ -51,6 +54,7 @@ class Runtime:
         self.level = 0
         self.exact = True
         self.call_key: tuple = ()
+        self.controlnet_half_batch: int | None = None  # the batch half a CFG-split ControlNet call returned
         self.calls: list[CallStats] = []
         self._slots: dict[tuple, dict[str, Any]] = {}
         self._step = -1
@@ -61,8 +65,8 @@ class Runtime:
         self._call_start = (0, 0.0, 0.0)
 
     # ------------------------------------------------------------------ calls and steps
-    def begin_call(self, plan: BandPlan, shape: tuple[int, ...], timestep: float) -> None:
-        """Name this UNet call, decide whether it is exact, and check that every process makes the same call."""
+    def begin_call(self, plan: BandPlan, shape: tuple[int, ...], timestep: float, model: str = "unet") -> None:
+        """Name this call of ``model``, decide whether it is exact, check that every process makes the same call."""
         if self._last_t is None or timestep > self._last_t:
             self.drain()
             self._slots.clear()
@@ -73,18 +77,19 @@ class Runtime:
             self._previous_keys, self._current_keys = self._current_keys, set()
             self._ordinals.clear()
         self._last_t = timestep
-        self._ordinals[shape] += 1
-        self.call_key = (shape, self._ordinals[shape])
+        self._ordinals[model, shape] += 1
+        self.call_key = (model, shape, self._ordinals[model, shape])
         self._current_keys.add(self.call_key)
         self.exact = self.mode == "sync" or self._step < self.warmup_steps or self.call_key not in self._previous_keys
         self.plan = plan
         self._call_start = (self.comm.bytes_sent, self.comm.wait_seconds, time.perf_counter())
-        self.comm.check_same([*shape, round(timestep * 1000), self._step], "the UNet call (shape, timestep, step)")
+        self.comm.check_same([*shape, round(timestep * 1000), self._step], f"the {model} call (shape, timestep, step)")
 
     def end_call(self) -> CallStats:
         sent, waited, start = self._call_start
         stats = CallStats(
-            shape=self.call_key[0],
+            model=self.call_key[0],
+            shape=self.call_key[1],
             step=self._step,
             exact=self.exact,
             bytes_sent=self.comm.bytes_sent - sent,

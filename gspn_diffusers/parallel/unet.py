@@ -1,5 +1,6 @@
 """The UNet wrapper: each process runs the UNet on its band of latent rows; the bands' outputs are gathered, so
-the pipeline's loop and scheduler see the whole prediction on every process, unchanged.
+the pipeline's loop and scheduler see the whole prediction on every process, unchanged. ControlNet residuals
+arrive band-local (the band ControlNet of :mod:`.controlnet` made them on the same band).
 
 With a CFG split, each half of the processes takes one half of the batch (unconditional, conditional), cuts it
 into its own bands, and the two halves swap their results with their partner process.
@@ -7,92 +8,37 @@ into its own bands, and the two halves swap their results with their partner pro
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .bands import plan_bands
-from .comm import Comm, abort_after_failure, post_failure
-from .errors import ParallelConfigError, PeerFailedError
-from .runtime import Runtime
+from .controlnet import check_band_residuals, check_residual_batches, residuals_of
+from .errors import ParallelConfigError
+from .forward import BandForward, timestep_value
 
-logger = logging.getLogger(__name__)
-
-_UNSUPPORTED = (
-    "down_block_additional_residuals",
-    "mid_block_additional_residual",
-    "down_intrablock_additional_residuals",
-)
+_UNSUPPORTED = ("down_intrablock_additional_residuals",)  # T2I-Adapter
 
 
-def _timestep_value(timestep: Any) -> float:
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.flatten()[0]) if timestep.numel() else 0.0
-    return float(timestep)
-
-
-def _batch_half(value: Any, batch: int, half: int) -> Any:
-    """The ``half``-th half of every tensor (or dict of tensors) whose first dim is the UNet batch."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value.chunk(2)[half]
-    if isinstance(value, dict):
-        return {key: _batch_half(v, batch, half) for key, v in value.items()}
-    return value
-
-
-class BandUNetForward:
-    """Replaces ``unet.forward`` (an instance attribute; :class:`~.patching.Patches` restores it)."""
-
-    def __init__(
-        self,
-        original: Callable,
-        runtime: Runtime,
-        factor: int,
-        cfg_world: Comm | None = None,
-        cfg_half: int = 0,
-    ) -> None:
-        self.original = original
-        self.runtime = runtime
-        self.factor = factor
-        self.cfg_world = cfg_world  # the whole world, when the batch is split between two groups
-        self.cfg_half = cfg_half
-        self._warned_odd_batch = False
-
-    def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
-        runtime = self.runtime
-        if runtime.replicated_calls:
-            return self.original(sample, timestep, *args, **kwargs)
-        try:
-            return self._band_call(sample, timestep, *args, **kwargs)
-        except PeerFailedError:
-            raise
-        except Exception as error:
-            if not getattr(error, "everywhere", False):  # an error only this process has: tell the others, stop
-                post_failure(f"{type(error).__name__}: {error}")
-                abort_after_failure()
-            raise
+class BandUNetForward(BandForward):
+    """The UNet on this process's band; the band outputs are gathered (and swapped between the CFG halves)."""
 
     def _band_call(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         runtime, comm = self.runtime, self.runtime.comm
         for name in _UNSUPPORTED:
             if kwargs.get(name) is not None:
-                raise ParallelConfigError(f"Patch parallelism does not support UNet {name} (ControlNet, T2I-Adapter).")
+                raise ParallelConfigError(f"Patch parallelism does not support UNet {name} (T2I-Adapter).")
         batch = sample.shape[0]
-        split = self.cfg_world is not None and batch % 2 == 0
-        if self.cfg_world is not None and not split and not self._warned_odd_batch:
-            logger.warning("CFG split: a UNet call of batch %d cannot be halved; both halves run all of it.", batch)
-            self._warned_odd_batch = True
+        split = self._cfg_split(batch)
+        check_residual_batches(residuals_of(kwargs), batch, split, runtime.controlnet_half_batch)
+        runtime.controlnet_half_batch = None
         if split:
-            sample = sample.chunk(2)[self.cfg_half]
-            timestep = _batch_half(timestep, batch, self.cfg_half)
-            args = tuple(_batch_half(a, batch, self.cfg_half) for a in args)
-            kwargs = {key: _batch_half(v, batch, self.cfg_half) for key, v in kwargs.items()}
+            sample, timestep, args, kwargs = self._half((sample, timestep, args, kwargs), batch)
         height, width = sample.shape[-2:]
         plan = plan_bands(height, width, comm.size, self.factor)
-        runtime.begin_call(plan, tuple(sample.shape), _timestep_value(timestep))
+        check_band_residuals(residuals_of(kwargs), plan, comm.rank)
+        runtime.begin_call(plan, tuple(sample.shape), timestep_value(timestep))
         start, end = plan.rows(comm.rank)
         return_dict = kwargs.pop("return_dict", True)
         with runtime.band_call():
