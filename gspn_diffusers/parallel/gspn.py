@@ -18,8 +18,10 @@ operator does not combine with the carried state that cutting them into blocks o
 rows for the vertical scans alone would not lower the peak.
 
 Exact calls gather the band inputs and compute the whole layer (``sync``: through the processor; stale mode's
-warm-up: through the same single-direction scans on the whole image, which also give every band edge's boundary
-lines for the first stale step). Stale calls use the boundary lines the neighbours sent during the previous step.
+warm-up: the same single-direction scans on the whole image, which has no band edges and so streams in line blocks
+(:func:`~gspn_diffusers.line_block.line_block_band`), merging only the band's rows and picking up the boundary lines
+of its edges for the first stale step). Stale calls use the boundary lines the neighbours sent during the previous
+step.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..line_block import add_direction, direction_gate_logits, merge_buffer, scan_planes
+from ..line_block import add_direction, direction_gate_logits, line_block_band, merge_buffer, scan_planes
 from ..module import GSPNModule
 from ..ops import DIRECTIONS, gspn_scan
 from .layers import gather_tokens
@@ -183,10 +185,30 @@ def exact_band(
     needed: tuple[bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A warm-up call's band from the whole image's ``tokens``: its mixing (B, b - a, W, C) and the boundary lines it
-    receives in the first stale step (the whole scans' rows just above and below it)."""
+    receives in the first stale step (the whole scans' rows just above and below it).
+
+    The whole image has no band edges, so it streams like line-block inference, ``line_block_lines`` at a time:
+    one block's gates and scan planes at once, the merge accumulated for the band's rows only, the boundary lines
+    picked up as the blocks pass. At any size, not only above ``line_block_tokens``: a single block per direction
+    would hold its interleaved scan planes (2 x 2C per token) for the whole image beside the projections.
+    """
     a, b = rows
-    whole = Band((0, height), height)
-    out, lines = band_mixing(attn, gspn, tokens, width, whole, rows, (max(a - 1, 0), min(b, height - 1)))
+    value, lam, u = gspn.projections(attn, tokens, height, width)
+    out, lines = line_block_band(
+        value,
+        lam,
+        u,
+        gspn.gate_hidden(tokens, height, width),
+        gspn.gate_up.weight,
+        gspn.gate_up.bias,
+        gspn.merge,
+        gspn.skip,
+        gspn.chunk_size,
+        gspn.normalize,
+        gspn.line_block_lines,
+        rows,
+        (max(a - 1, 0), min(b, height - 1)),
+    )
     above = edge_pack(lines, 0, "top_to_bottom" if needed[0] else None)
     below = edge_pack(lines, 1, "bottom_to_top" if needed[1] else None)
     return out, above, below
