@@ -6,10 +6,14 @@ down-projection runs once over the whole latent (C / gate_rank values per token)
 up-projection runs per block of lines along that direction's scan axis, restricted to the direction's 3 * G rows.
 Each block is scanned with the carried state of :func:`gspn_diffusers.ops.gspn_scan` (the previous block's last
 line), in the direction's scan order, so the result equals the whole computation; only one block's gates are
-alive at a time, and the merge is accumulated into one (B, H, W, C) buffer.
+alive at a time, and the merge is accumulated into one (B, H, W, C) buffer. :func:`line_block_band` accumulates
+only a band of rows and picks up each direction's hidden lines at given rows as the blocks pass: the patch-parallel
+warm-up, which needs the whole image's scans for one band and its boundary lines.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +95,117 @@ def add_direction(
     out.add_(y.mul_(u).mul_(merge.to(out.dtype)))
 
 
+def direction_block_scans(
+    value: torch.Tensor,
+    lam: torch.Tensor,
+    gate_hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    direction_index: int,
+    chunk_size: int | None,
+    normalize: bool,
+    block_lines: int,
+) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+    """One direction's scan of :func:`scan_planes` (values and normalisers interleaved), one block of lines at a
+    time in the scan's order, each continued from the previous block's carried state.
+
+    Yields each block's top-left image corner (row, column) and its hidden states h (B, rows, columns, C'). The
+    block's gates and scan planes are freed before it is yielded, so while the caller merges a block only its h is
+    alive besides the carried state.
+    """
+    direction = DIRECTIONS[direction_index]
+    axis = 2 if direction in _HORIZONTAL else 1
+    state = None
+    for start, end in block_starts(value.shape[axis], block_lines, chunk_size, direction):
+
+        def block(t: torch.Tensor, start=start, end=end) -> torch.Tensor:
+            return t.narrow(axis, start, end - start)
+
+        gates = direction_gate_logits(block(gate_hidden), gate_weight, gate_bias, direction_index, value.dtype)
+        x, lam_block = scan_planes(block(value), block(lam), normalize)
+        h, state = gspn_scan(x, lam_block, gates, direction, chunk_size, initial_state=state, return_final_state=True)
+        del gates, x, lam_block
+        yield ((0, start) if axis == 2 else (start, 0)), h
+
+
+def add_block(
+    out: torch.Tensor,
+    rows: tuple[int, int],
+    corner: tuple[int, int],
+    h: torch.Tensor,
+    u: torch.Tensor,
+    merge: torch.Tensor,
+    normalize: bool,
+    eps: float,
+) -> None:
+    """:func:`add_direction` of the part of a block (top-left image ``corner``, hidden states ``h``) that lies in
+    the image rows ``rows`` = [a, b) that ``out`` (B, b - a, W, C) accumulates; ``u`` covers the whole image."""
+    (a, b), (top, left) = rows, corner
+    low, high = max(a, top), min(b, top + h.shape[1])
+    if low >= high:
+        return
+    columns = slice(left, left + h.shape[2])
+    add_direction(
+        out[:, low - a : high - a, columns],
+        h[:, low - top : high - top],
+        u[:, low:high, columns],
+        merge,
+        normalize,
+        eps,
+    )
+
+
+def capture_lines(lines: torch.Tensor, line_rows: tuple[int, ...], corner: tuple[int, int], h: torch.Tensor) -> None:
+    """Copy into ``lines`` (B, len(line_rows), W, C') the part of each image row of ``line_rows`` that a block
+    (top-left image ``corner``, hidden states ``h``) holds: a column range of it for a horizontal scan's block, all
+    of it from the one vertical block that contains the row."""
+    top, left = corner
+    for index, row in enumerate(line_rows):
+        if top <= row < top + h.shape[1]:
+            lines[:, index, left : left + h.shape[2]] = h[:, row - top]
+
+
+def line_block_band(
+    value: torch.Tensor,
+    lam: torch.Tensor,
+    u: torch.Tensor,
+    gate_hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    merge: torch.Tensor,
+    skip: torch.Tensor | None,
+    chunk_size: int | None,
+    normalize: bool,
+    block_lines: int,
+    rows: tuple[int, int],
+    line_rows: tuple[int, ...] = (),
+    eps: float = EPS,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`line_block_scan_fused` over the whole image, merged only for the image rows ``rows`` = [a, b), and
+    each direction's hidden lines at the image rows ``line_rows`` (a patch-parallel warm-up's band and the boundary
+    lines its neighbours need): the accumulator and the captured lines are all that cover more than one block.
+
+    Args as for :func:`line_block_scan_fused`. Returns the merge (B, b - a, W, C) in the value's dtype and, per
+    direction in ``DIRECTIONS`` order, its lines (B, len(line_rows), W, C') in the scan's layout (C' = 2C,
+    values and normalisers interleaved, when normalising).
+    """
+    if block_lines < 1:
+        raise ValueError(f"block_lines must be a positive number of lines; got {block_lines}.")
+    a, b = rows
+    out = merge_buffer(value[:, a:b], skip)
+    batch, _, width, channels = value.shape
+    all_lines = []
+    for d in range(len(DIRECTIONS)):
+        lines = value.new_empty(batch, len(line_rows), width, 2 * channels if normalize else channels)
+        for corner, h in direction_block_scans(
+            value, lam, gate_hidden, gate_weight, gate_bias, d, chunk_size, normalize, block_lines
+        ):
+            add_block(out, rows, corner, h, u, merge[d], normalize, eps)
+            capture_lines(lines, line_rows, corner, h)
+        all_lines.append(lines)
+    return out.to(value.dtype), all_lines
+
+
 def line_block_scan_fused(
     value: torch.Tensor,
     lam: torch.Tensor,
@@ -117,21 +232,6 @@ def line_block_scan_fused(
 
     Returns (B, H, W, C) in the value's dtype, accumulated in fp32 (fp64 for fp64 inputs) like the fused op.
     """
-    if block_lines < 1:
-        raise ValueError(f"block_lines must be a positive number of lines; got {block_lines}.")
-    out = merge_buffer(value, skip)
-    for d, direction in enumerate(DIRECTIONS):
-        axis = 2 if direction in _HORIZONTAL else 1
-        state = None
-        for start, end in block_starts(value.shape[axis], block_lines, chunk_size, direction):
-
-            def block(t: torch.Tensor, axis=axis, start=start, end=end) -> torch.Tensor:
-                return t.narrow(axis, start, end - start)
-
-            gates = direction_gate_logits(block(gate_hidden), gate_weight, gate_bias, d, value.dtype)
-            x, lam_block = scan_planes(block(value), block(lam), normalize)
-            h, state = gspn_scan(
-                x, lam_block, gates, direction, chunk_size, initial_state=state, return_final_state=True
-            )
-            add_direction(block(out), h, block(u), merge[d], normalize, eps)
-    return out.to(value.dtype)
+    args = (value, lam, u, gate_hidden, gate_weight, gate_bias, merge, skip, chunk_size, normalize, block_lines)
+    out, _ = line_block_band(*args, (0, value.shape[1]), eps=eps)
+    return out

@@ -18,8 +18,10 @@ operator does not combine with the carried state that cutting them into blocks o
 rows for the vertical scans alone would not lower the peak.
 
 Exact calls gather the band inputs and compute the whole layer (``sync``: through the processor; stale mode's
-warm-up: through the same single-direction scans on the whole image, which also give every band edge's boundary
-lines for the first stale step). Stale calls use the boundary lines the neighbours sent during the previous step.
+warm-up: the same single-direction scans on the whole image, which has no band edges and so streams in line blocks
+(:func:`~gspn_diffusers.line_block.line_block_band`), merging only the band's rows and picking up the boundary lines
+of its edges for the first stale step). Stale calls use the boundary lines the neighbours sent during the previous
+step.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..line_block import add_direction, direction_gate_logits, merge_buffer, scan_planes
+from ..line_block import add_direction, direction_gate_logits, line_block_band, merge_buffer, scan_planes
 from ..module import GSPNModule
 from ..ops import DIRECTIONS, gspn_scan
 from .layers import gather_tokens
@@ -105,30 +107,20 @@ def band_scan(
 
 
 def band_mixing(
-    attn: nn.Module,
-    gspn: GSPNModule,
-    tokens: torch.Tensor,
-    width: int,
-    band: Band,
-    merged: tuple[int, int],
-    line_rows: tuple[int, int],
+    attn: nn.Module, gspn: GSPNModule, tokens: torch.Tensor, width: int, band: Band
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """GSPN's token mixing of the band's ``tokens`` (before ``to_out``), one direction's gates at a time.
 
-    Returns the mixing of the band-local rows ``merged`` (B, rows, W, C) and, per direction, its hidden lines at
-    the band-local rows ``line_rows`` (B, 2, W, C'), from which :func:`edge_pack` builds the boundary lines.
+    Returns the band's mixing (B, rows, W, C) and, per direction, its hidden lines at the band's first and last rows
+    (B, 2, W, C'), from which :func:`edge_pack` builds the boundary lines the band sends.
     """
     a, b = band.rows
     value, lam, u = gspn.projections(attn, tokens, b - a, width)
     gate_hidden = gspn.gate_hidden(tokens, b - a, width)
-    start, end = merged
-    out = merge_buffer(value[:, start:end], gspn.skip)
+    out = merge_buffer(value, gspn.skip)
     x, lam = scan_planes(value, lam, gspn.normalize)
     del value  # x holds the values (a copy when normalising)
-    lines = [
-        _merge_direction(gspn, d, x, lam, u[:, start:end], gate_hidden, band, out, merged, line_rows)
-        for d in range(len(DIRECTIONS))
-    ]
+    lines = [_merge_direction(gspn, d, x, lam, u, gate_hidden, band, out) for d in range(len(DIRECTIONS))]
     return out.to(x.dtype), lines
 
 
@@ -141,21 +133,20 @@ def _merge_direction(
     gate_hidden: torch.Tensor,
     band: Band,
     out: torch.Tensor,
-    merged: tuple[int, int],
-    line_rows: tuple[int, int],
 ) -> torch.Tensor:
     """Direction ``d``'s scan with its own gates only (freed once it has run, before the merge), added to ``out``;
-    returns its lines at ``line_rows``, and the rest of the scan is freed on return."""
+    returns its first and last lines, and the rest of the scan is freed on return."""
     gates = direction_gate_logits(gate_hidden, gspn.gate_up.weight, gspn.gate_up.bias, d, x.dtype)
     h = band_scan(x, lam, gates, DIRECTIONS[d], gspn.chunk_size, band)
     del gates  # before the merge's temporaries
-    add_direction(out, h[:, merged[0] : merged[1]], u, gspn.merge[d], gspn.normalize)
-    return h[:, list(line_rows)]
+    add_direction(out, h, u, gspn.merge[d], gspn.normalize)
+    return h[:, [0, -1]]
 
 
 def edge_pack(lines: list[torch.Tensor], index: int, vertical: str | None) -> torch.Tensor:
-    """The boundary lines of one band edge from each direction's two lines of :func:`band_mixing`: the horizontal
-    scans' line ``index`` and, where a state crosses the edge (``vertical`` not None), that vertical scan's."""
+    """The boundary lines of one band edge from each direction's two lines (:func:`band_mixing`, or
+    :func:`~gspn_diffusers.line_block.line_block_band` in the warm-up): the horizontal scans' line ``index`` and,
+    where a state crosses the edge (``vertical`` not None), that vertical scan's."""
     picked = lines[:2] + ([lines[DIRECTIONS.index(vertical)]] if vertical is not None else [])
     return torch.stack([line[:, index] for line in picked], dim=1)
 
@@ -166,8 +157,7 @@ def stale_band(
     """A stale call's band: its mixing (B, b - a, W, C) from its own rows and the neighbours' boundary lines, and the
     boundary lines it sends (its first lines for the band above, its last for the band below; ``needed``: whether
     a vertical state crosses the top / bottom edge)."""
-    a, b = band.rows
-    out, lines = band_mixing(attn, gspn, tokens, width, band, (0, b - a), (0, b - a - 1))
+    out, lines = band_mixing(attn, gspn, tokens, width, band)
     to_above = edge_pack(lines, 0, "bottom_to_top" if needed[0] else None)
     to_below = edge_pack(lines, 1, "top_to_bottom" if needed[1] else None)
     return out, to_above, to_below
@@ -183,10 +173,30 @@ def exact_band(
     needed: tuple[bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A warm-up call's band from the whole image's ``tokens``: its mixing (B, b - a, W, C) and the boundary lines it
-    receives in the first stale step (the whole scans' rows just above and below it)."""
+    receives in the first stale step (the whole scans' rows just above and below it).
+
+    The whole image has no band edges, so it streams like line-block inference, ``line_block_lines`` at a time:
+    one block's gates and scan planes at once, the merge accumulated for the band's rows only, the boundary lines
+    picked up as the blocks pass. At any size, not only above ``line_block_tokens``: a single block per direction
+    would hold its interleaved scan planes (2 x 2C per token) for the whole image beside the projections.
+    """
     a, b = rows
-    whole = Band((0, height), height)
-    out, lines = band_mixing(attn, gspn, tokens, width, whole, rows, (max(a - 1, 0), min(b, height - 1)))
+    value, lam, u = gspn.projections(attn, tokens, height, width)
+    out, lines = line_block_band(
+        value,
+        lam,
+        u,
+        gspn.gate_hidden(tokens, height, width),
+        gspn.gate_up.weight,
+        gspn.gate_up.bias,
+        gspn.merge,
+        gspn.skip,
+        gspn.chunk_size,
+        gspn.normalize,
+        gspn.line_block_lines,
+        rows,
+        (max(a - 1, 0), min(b, height - 1)),
+    )
     above = edge_pack(lines, 0, "top_to_bottom" if needed[0] else None)
     below = edge_pack(lines, 1, "bottom_to_top" if needed[1] else None)
     return out, above, below
