@@ -252,6 +252,9 @@ def test_cli_generate_parallel(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert out.is_file()
     assert run.stderr.count("Saved 64x64 image") == 1  # process 0 saves
+    # every process warns (no distilled weights), the others' lines say which process they come from
+    assert run.stderr.count("WARNING No --gspn-weights given") == 1
+    assert run.stderr.count("WARNING [process 1] No --gspn-weights given") == 1
 
 
 def test_cli_parallel_failure_is_one_line(tmp_path):

@@ -24,8 +24,11 @@ class ParallelGeneration:
         self.saves = True
         if args.parallel is not None:
             init_distributed()
-            if dist.get_rank() != 0:  # one log of the run: process 0's (warnings and errors still from each)
+            rank = dist.get_rank()
+            if rank != 0:  # one log of the run: process 0's; warnings and errors still from each, named
                 logging.getLogger("gspn_diffusers").setLevel(logging.WARNING)
+                for handler in logging.getLogger().handlers:
+                    handler.setFormatter(logging.Formatter(f"%(levelname)s [process {rank}] %(message)s"))
 
     @contextmanager
     def around(self, pipe: Any) -> Iterator[dict[str, Any]]:
