@@ -171,3 +171,33 @@ def test_the_benchmarks_time_through_the_meter_only():
             and node.value.value.id == "torch"
         }
         assert calls == {"is_available"}, (name, calls)  # only to refuse a GPU run without a GPU
+
+
+def test_patch_parallel_bench_quick_run(tmp_path):
+    """The patch-parallel benchmark end to end (2 gloo processes, --quick): its counted bytes equal the model, sync
+    is exact, stale beats naive, and the SD-XL rows carry the fields the README quotes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_patch_parallel.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "patch_parallel.json").read_text())
+    measured = {(e["attention"], e["mode"]): e for e in result["measured_n2"]}
+    for entry in measured.values():
+        for kind in ("exact", "stale", "naive"):
+            if f"bytes_{kind}_call" in entry:
+                assert entry[f"bytes_{kind}_call"] == entry[f"model_{kind}_call"], (entry["mode"], kind)
+    for attention in ("gspn", "softmax"):
+        assert measured[attention, "sync"]["latent_max_abs_error"] < 1e-4
+        stale, naive = (measured[attention, mode]["latent_mean_abs_error"] for mode in ("stale", "naive"))
+        assert stale < naive / 3, (attention, stale, naive)
+    for row in result["sdxl_model"]:
+        assert row["ratio_attn1_layers_kv_value_lines"] == pytest.approx(2 * row["ratio_attn1_layers_kv"])
+        assert row["estimated_nccl_ms"]
+    assert {r["world_size"] for r in result["sdxl_gspn_band_layer_memory"]} == {2, 4, 8}
+    for name in ("patch_parallel_bytes.png", "patch_parallel_row_error.png"):
+        assert (tmp_path / name).stat().st_size > 1000
