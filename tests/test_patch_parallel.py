@@ -237,17 +237,22 @@ def test_a_failing_process_stops_the_others(tmp_path):
     assert results[0]["fail"]["seconds"] < 15  # not the 60 s collective timeout, nor the 20 s linger
 
 
-def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, *args: str, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "-m", "gspn_diffusers.cli"]
+    if launcher == "accelerate":  # --multi_gpu without GPUs: Accelerate starts torch.distributed.run's processes
+        launch = ["accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}"]
+    else:
+        launch = ["torch.distributed.run", f"--nproc-per-node={nproc}"]
+    command = [sys.executable, "-m", *launch, "-m", "gspn_diffusers.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
 
 
-def test_cli_generate_parallel(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_cli_generate_parallel(tmp_path, launcher):
     out = tmp_path / "img.png"
     run = _torchrun(
         2, "generate", "--tiny", "sd15", "--prompt", "x", "--height", "64", "--width", "64", "--steps", "3",
-        "--parallel", "patch", "--warmup-steps", "1", "--output", str(out),
+        "--parallel", "patch", "--warmup-steps", "1", "--output", str(out), launcher=launcher,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert out.is_file()
