@@ -50,6 +50,13 @@ def vertical_state_needed(edge_row: int, chunk_size: int | None) -> bool:
     return chunk_size is None or edge_row % chunk_size != 0
 
 
+def states_crossing(rows: tuple[int, int], height: int, chunk_size: int | None) -> tuple[bool, bool]:
+    """Whether a vertical scan's state crosses the top / bottom edge of the band rows ``[a, b)`` of a ``height``-row
+    image (never at an image edge)."""
+    a, b = rows
+    return a > 0 and vertical_state_needed(a, chunk_size), b < height and vertical_state_needed(b, chunk_size)
+
+
 def vertical_band_scan(x, lam, gates, direction, chunk_size, rows, height, state):
     """A vertical scan of the band rows ``[a, b)`` of a ``height``-row image, continued from a neighbour's state.
 
@@ -220,10 +227,7 @@ def patch_gspn(runtime: Runtime, attn: nn.Module, layer_id: int) -> Callable[[Ca
             plan, level, comm = runtime.plan, runtime.level, runtime.comm
             height, width = plan.level_height(level), plan.level_width(level)
             a, b = runtime.band_rows()
-            needed = (
-                a > 0 and vertical_state_needed(a, gspn.chunk_size),
-                b < height and vertical_state_needed(b, gspn.chunk_size),
-            )
+            needed = states_crossing((a, b), height, gspn.chunk_size)
             if runtime.exact:
                 full = gather_tokens(runtime, layer_id, hidden_states)
                 if runtime.mode == "sync":  # the whole layer, by the processor (fused kernel, line blocks)

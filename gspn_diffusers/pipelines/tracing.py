@@ -268,13 +268,13 @@ def gspn_band_layer_peak(
     from diffusers.models.attention_processor import Attention
 
     from ..module import GSPNModule
-    from ..parallel.gspn import Band, attention_output, exact_band, stale_band, vertical_state_needed
+    from ..parallel.gspn import Band, attention_output, exact_band, stale_band, states_crossing
 
     with torch.device("meta"):
         attn = Attention(query_dim=channels, heads=1, dim_head=channels).to(dtype)
         gspn = GSPNModule(channels, chunk_size=chunk_size).to(dtype)
     a, b = rows
-    needed = (a > 0 and vertical_state_needed(a, chunk_size), b < height and vertical_state_needed(b, chunk_size))
+    needed = states_crossing(rows, height, chunk_size)
     lines = 2 * channels if gspn.normalize else channels  # values and normalisers interleaved
 
     if exact:
